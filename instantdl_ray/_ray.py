@@ -1,0 +1,102 @@
+"""The one place that starts or joins Ray and decides how many CPUs each part may take.
+
+A laptop run must never hang: Ray Train workers that take every CPU leave none for the Ray Data
+tasks feeding them (measured: 2 one-CPU workers + a dataset on 2 CPUs waits forever). So on CPU
+we always leave at least one CPU slot for data, and give workers fractions of the rest.
+Torch thread counts are set from the physical cores, not from the scheduling slots.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import asdict, dataclass
+
+from .errors import ConfigError
+
+
+@dataclass
+class Resources:
+    num_workers: int
+    cpus_per_worker: float
+    use_gpu: bool
+    torch_threads: int
+    data_cpus: float
+    predict_actors: int
+    cluster_cpus: float
+    cluster_gpus: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def init(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Join ``address`` / ``$RAY_ADDRESS``, or start a local Ray sized to this machine."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    kwargs = dict(logging_level=logging.WARNING, log_to_driver=True, include_dashboard=False)
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+        ray.init(num_cpus=num_cpus, **kwargs)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+
+
+def plan_resources(ray_cfg, cluster_cpus: float, cluster_gpus: float, node_cores: int | None = None) -> Resources:
+    """Decide workers, CPUs per worker and actor counts so that data always has a CPU.
+
+    ``ray_cfg`` is ``Config.ray``. Raises ``ConfigError`` when explicit settings cannot fit.
+    """
+    node_cores = node_cores or os.cpu_count() or 1
+    n = ray_cfg.num_workers
+    use_gpu = bool(ray_cfg.use_gpu)
+    problems = []
+    if use_gpu and cluster_gpus < n:
+        problems.append(
+            f"ray.use_gpu: {n} worker(s) need {n} GPU(s) but the cluster has {cluster_gpus:g}; "
+            "set ray.use_gpu=false or lower ray.num_workers"
+        )
+    reserve = 1.0 if cluster_cpus <= 8 else max(1.0, math.floor(cluster_cpus * 0.1))
+    available = cluster_cpus - reserve
+    if ray_cfg.cpus_per_worker is None:
+        cpw = 1.0 if use_gpu else available / n
+        cpw = min(cpw, 8.0) if not use_gpu else cpw
+        cpw = math.floor(cpw) if cpw >= 1 else round(cpw, 3)
+    else:
+        cpw = float(ray_cfg.cpus_per_worker)
+    if cpw <= 0 or n * cpw > available + 1e-9:
+        problems.append(
+            f"ray.num_workers={n} x ray.cpus_per_worker={cpw:g} needs {n * cpw:g} CPUs for training, but the "
+            f"cluster has {cluster_cpus:g} and at least {reserve:g} must stay free for data loading (else Ray "
+            f"Data waits forever); lower ray.num_workers, set ray.cpus_per_worker to at most "
+            f"{max(available, 0) / n:.2g}, or leave it unset"
+        )
+    if problems:
+        raise ConfigError(problems, title="Cannot plan Ray resources")
+    per_node_workers = max(1, min(n, int(cluster_cpus // max(cpw, 1e-9)) or 1))
+    torch_threads = max(1, node_cores // min(per_node_workers, node_cores)) if not use_gpu else max(1, int(cpw))
+    actors = ray_cfg.predict_actors or (int(cluster_gpus) if use_gpu else max(1, int(cluster_cpus - 1)))
+    return Resources(
+        num_workers=n,
+        cpus_per_worker=cpw,
+        use_gpu=use_gpu,
+        torch_threads=torch_threads,
+        data_cpus=cluster_cpus - n * cpw,
+        predict_actors=actors,
+        cluster_cpus=cluster_cpus,
+        cluster_gpus=cluster_gpus,
+    )
+
+
+def cluster_resources() -> tuple[float, float]:
+    import ray
+
+    res = ray.cluster_resources()
+    return float(res.get("CPU", 0)), float(res.get("GPU", 0))

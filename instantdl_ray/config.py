@@ -1,0 +1,285 @@
+"""The user's surface: InstantDL's config keys, loaded from YAML or (InstantDL) JSON.
+
+Only ``use_algorithm`` and ``path`` are required. Every problem is reported at once, with
+the key path, the bad value, the allowed values and a "did you mean".
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import ConfigError
+from .registry import did_you_mean
+
+TASK_ALIASES = {
+    "semanticsegmentation": "semantic",
+    "semantic": "semantic",
+    "segmentation": "semantic",
+    "instancesegmentation": "instance",
+    "instance": "instance",
+    "regression": "regression",
+    "classification": "classification",
+}
+TASK_DISPLAY = {
+    "semantic": "SemanticSegmentation",
+    "instance": "InstanceSegmentation",
+    "regression": "Regression",
+    "classification": "Classification",
+}
+
+# InstantDL's data_gen_args (its spelling, typo included) plus a few of ours.
+AUGMENT_DEFAULTS: dict[str, Any] = {
+    "save_augmented_images": False,
+    "resample_images": False,
+    "std_normalization": False,
+    "feature_scaling": False,
+    "horizontal_flip": True,
+    "vertical_flip": True,
+    "poission_noise": False,
+    "rotation_range": False,
+    "zoom_range": False,
+    "contrast_range": False,
+    "brightness_range": False,
+    "gamma_shift": False,
+    "gaussian_blur": False,
+    "threshold_background_image": False,
+    "threshold_background_groundtruth": False,
+    "binarize_mask": False,
+}
+
+Num = Union[bool, float]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RayConfig(_Strict):
+    """Advanced: where and how wide to run. Defaults fit a laptop."""
+
+    address: Optional[str] = None  # None: local Ray (or $RAY_ADDRESS)
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: Optional[float] = Field(None, gt=0)  # None: planned from the machine
+    storage_path: Optional[str] = None  # None: <run_dir>/checkpoints (local runs)
+    max_failures: int = Field(2, ge=0)
+    predict_actors: Optional[int] = Field(None, ge=1)  # None: one per free CPU/GPU
+
+
+class AugmentConfig(_Strict):
+    save_augmented_images: bool = False
+    resample_images: Union[bool, int, list[int]] = False
+    std_normalization: bool = False
+    feature_scaling: bool = False
+    horizontal_flip: bool = True
+    vertical_flip: bool = True
+    poission_noise: Num = False
+    rotation_range: Num = False
+    zoom_range: Num = False
+    contrast_range: Num = False
+    brightness_range: Num = False
+    gamma_shift: Num = False
+    gaussian_blur: Num = False
+    threshold_background_image: bool = False
+    threshold_background_groundtruth: bool = False
+    binarize_mask: bool = False
+
+
+class Config(_Strict):
+    """The resolved run configuration (InstantDL keys first, our additions after)."""
+
+    use_algorithm: str
+    path: str
+    seed: int = 42
+    pretrained_weights: Union[bool, str] = False
+    batchsize: int = Field(4, ge=1)
+    iterations_over_dataset: int = Field(50, ge=0)
+    data_gen_args: AugmentConfig = Field(default_factory=AugmentConfig)
+    loss_function: Optional[str] = None  # None: the task's default
+    num_classes: Optional[int] = Field(None, ge=1)  # None: 1 (binary) / from the CSV
+    image_size: Union[bool, int, list[int]] = False  # classification resize / pixel-task tile size
+    calculate_uncertainty: bool = True
+    evaluation: bool = True
+    # --- ours
+    model: Optional[str] = None  # None: the task's default network
+    learning_rate: float = Field(1e-3, gt=0)
+    early_stopping_patience: int = Field(10, ge=1)
+    validation_split: float = Field(0.2, ge=0.0, lt=1.0)
+    dropout: Optional[float] = Field(None, ge=0.0, lt=1.0)  # None: 0.2 U-Net / 0.5 ResNet
+    mc_passes: int = Field(20, ge=2)
+    tiles_per_image: Optional[int] = Field(None, ge=1)  # training tiles drawn per image per epoch
+    tile_overlap: float = Field(0.25, ge=0.0, lt=1.0)
+    dimensions: Optional[Literal[2, 3]] = None  # None: inferred from image/groundtruth shapes
+    axes: Optional[str] = None  # None: inferred, e.g. "YX", "YXC", "CYX", "ZYX"
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+    @field_validator("use_algorithm")
+    @classmethod
+    def _task(cls, v: str) -> str:
+        key = str(v).replace("_", "").replace("-", "").replace(" ", "").lower()
+        if key not in TASK_ALIASES:
+            choices = list(TASK_DISPLAY.values())
+            raise ValueError(
+                f"unknown task '{v}'; choose one of {choices} (or semantic, instance, regression, classification)."
+                + did_you_mean(str(v), list(TASK_ALIASES) + choices)
+            )
+        return TASK_DISPLAY[TASK_ALIASES[key]]
+
+    @field_validator("axes")
+    @classmethod
+    def _axes(cls, v: Optional[str]) -> Optional[str]:
+        if v is None:
+            return v
+        v = v.upper()
+        if not set(v) <= set("CZYX") or len(set(v)) != len(v) or not {"Y", "X"} <= set(v):
+            raise ValueError(f"axes '{v}' must use each of C, Z, Y, X at most once and contain Y and X, e.g. 'YXC'")
+        return v
+
+    @field_validator("image_size")
+    @classmethod
+    def _size(cls, v):
+        if isinstance(v, list) and not (len(v) in (2, 3) and all(int(x) > 0 for x in v)):
+            raise ValueError("image_size must be false, one int or a list of 2 (Y, X) or 3 (Z, Y, X) positive ints")
+        if isinstance(v, bool) and v:
+            raise ValueError("image_size: true is not a size; use false (automatic) or e.g. 256 or [256, 256]")
+        if isinstance(v, int) and not isinstance(v, bool) and v <= 0:
+            raise ValueError("image_size must be positive")
+        return v
+
+    # -- derived, read-only
+    @property
+    def task(self) -> str:
+        return TASK_ALIASES[self.use_algorithm.lower()]
+
+    @property
+    def epochs(self) -> int:
+        return self.iterations_over_dataset
+
+
+# ---------------------------------------------------------------- loading
+
+_PY_LITERAL = re.compile(r'("(?:\\.|[^"\\])*")|\b(True|False|None)\b')
+
+
+def _json_with_python_literals(text: str) -> Any:
+    """InstantDL's example configs write Python's ``True``/``False``; accept them unchanged."""
+    fixed = _PY_LITERAL.sub(
+        lambda m: m.group(1) or {"True": "true", "False": "false", "None": "null"}[m.group(2)], text
+    )
+    return json.loads(fixed)
+
+
+def load_raw(path: str | Path) -> dict:
+    """Parse a YAML or JSON config file to a dict (no validation)."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError([f"{path}: config file not found"])
+    text = path.read_text()
+    try:
+        if path.suffix.lower() == ".json":
+            try:
+                data = json.loads(text)
+            except json.JSONDecodeError:
+                data = _json_with_python_literals(text)
+        else:
+            data = yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as e:
+        raise ConfigError([f"{path}: cannot parse: {e}"]) from e
+    if not isinstance(data, dict):
+        raise ConfigError([f"{path}: expected a mapping of keys (use_algorithm, path, ...), got {type(data).__name__}"])
+    return data
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``key.sub=value`` strings (values parsed as YAML) to a nested dict."""
+    data = json.loads(json.dumps(data))  # deep copy of plain data
+    problems = []
+    for item in overrides or []:
+        if "=" not in item:
+            problems.append(f"--set {item!r}: expected KEY=VALUE, e.g. --set iterations_over_dataset=5")
+            continue
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = data
+        for p in parts[:-1]:
+            if not isinstance(node.get(p), dict):
+                node[p] = {}
+            node = node[p]
+        node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+    if problems:
+        raise ConfigError(problems)
+    return data
+
+
+def _unknown_keys(data: dict, model: type[BaseModel], prefix: str = "") -> list[str]:
+    problems = []
+    fields = model.model_fields
+    for key, value in data.items():
+        if key not in fields:
+            problems.append(
+                f"{prefix}{key}: unknown key; allowed keys: {', '.join(fields)}." + did_you_mean(str(key), fields)
+            )
+            continue
+        sub = fields[key].annotation
+        if isinstance(value, dict) and isinstance(sub, type) and issubclass(sub, BaseModel):
+            problems += _unknown_keys(value, sub, f"{prefix}{key}.")
+    return problems
+
+
+def from_dict(data: dict, base_dir: str | Path | None = None) -> Config:
+    """Validate a raw dict into a ``Config``; raises ``ConfigError`` listing every problem."""
+    problems = _unknown_keys(data, Config)
+    for req in ("use_algorithm", "path"):
+        if req not in data:
+            problems.append(f"{req}: required key missing (e.g. use_algorithm: SemanticSegmentation, path: data/)")
+    clean = {k: v for k, v in data.items() if k in Config.model_fields}
+    for sub in ("data_gen_args", "ray"):
+        if isinstance(clean.get(sub), dict):
+            model = Config.model_fields[sub].annotation
+            clean[sub] = {k: v for k, v in clean[sub].items() if k in model.model_fields}
+    cfg = None
+    if "use_algorithm" in clean and "path" in clean:
+        try:
+            cfg = Config(**clean)
+        except ValidationError as e:
+            for err in e.errors():
+                loc = ".".join(str(x) for x in err["loc"] if not str(x).startswith(("function-", "literal[")))
+                # pydantic reports one error per Union member; keep one line per key
+                msg = err["msg"].removeprefix("Value error, ")
+                line = f"{loc}: {msg} (got {err.get('input')!r})"
+                if not any(p.startswith(f"{loc}:") for p in problems):
+                    problems.append(line)
+    if problems:
+        raise ConfigError(problems)
+    assert cfg is not None
+    cfg.path = str(resolve_data_path(cfg.path, base_dir))
+    return cfg
+
+
+def resolve_data_path(path: str, base_dir: str | Path | None) -> Path:
+    """Relative paths are tried beside the config file first, then from the working directory."""
+    p = Path(path).expanduser()
+    if p.is_absolute():
+        return p
+    candidates = ([Path(base_dir) / p] if base_dir else []) + [Path.cwd() / p]
+    for c in candidates:
+        if c.exists():
+            return c.resolve()
+    return candidates[0].resolve()
+
+
+def load(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Load, override and validate a config file."""
+    data = apply_overrides(load_raw(path), overrides or [])
+    return from_dict(data, base_dir=Path(path).resolve().parent)
+
+
+def dump(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config (every default spelled out) as YAML."""
+    Path(path).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))

@@ -1,0 +1,225 @@
+"""Ray Data streams of tiles: small specs on the driver, pixels read in parallel Ray tasks.
+
+The driver builds rows ``{image, target, origin, seed}`` (a few bytes each) and never holds
+pixel data. ``ReadTiles`` (a plain callable, unit-testable without Ray) turns a batch of specs
+into ``(B, C, *tile)`` float32 arrays; ``augment.augment_batch`` follows in ``map_batches``.
+One path for everything: a small image is one tile (padded), a slide is many.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from . import read
+from .plan import Plan, normalize_image
+
+EPOCH_SEED_STRIDE = 1_000_003  # a prime, so (epoch, index) pairs give distinct seeds
+PASS_THROUGH = ("label", "seed", "image_index", "tile_index")
+
+
+@lru_cache(maxsize=16)
+def _open(path: str) -> Any:
+    """Per-process cache of opened arrays (zarr/TIFF lazily, small formats in memory)."""
+    return read.open_array(path)
+
+
+@lru_cache(maxsize=4)
+def _instance_label(paths_json: str) -> np.ndarray:
+    return read.read_instance_masks([Path(p) for p in json.loads(paths_json)])
+
+
+def encode_target(gt: Any) -> str:
+    """A sample's groundtruth -> a string for an Arrow column ('' none, a path, or a JSON list)."""
+    if gt is None or isinstance(gt, int):
+        return ""
+    if isinstance(gt, list):
+        return json.dumps([str(p) for p in gt])
+    return str(gt)
+
+
+def read_window(arr: Any, axes: str, start: Sequence[int], size: Sequence[int]) -> np.ndarray:
+    """Read spatial window ``[start, start+size)`` of a stored array -> ``(C, *size)`` float32.
+
+    Parts outside the image are reflect-padded (constant 0 when the image is too small to
+    reflect), so every tile has the full shape.
+    """
+    spatial = [i for i, a in enumerate(axes) if a in "ZYX"]
+    shape = [arr.shape[i] for i in spatial]
+    idx: list[Any] = [slice(None)] * len(axes)
+    pads = []
+    for k, i in enumerate(spatial):
+        lo, hi = int(start[k]), int(start[k]) + int(size[k])
+        clo, chi = max(lo, 0), min(hi, shape[k])
+        idx[i] = slice(clo, chi)
+        pads.append((clo - lo, hi - chi))
+    chw = read.to_channel_first(np.asarray(arr[tuple(idx)]), axes)
+    if any(p != (0, 0) for p in pads):
+        mode = "reflect" if all(b < s and a < s for (b, a), s in zip(pads, chw.shape[1:])) else "constant"
+        chw = np.pad(chw, [(0, 0)] + pads, mode=mode)
+    return chw
+
+
+def resize(chw: np.ndarray, size: Sequence[int], order: int = 1) -> np.ndarray:
+    """``(C, Y, X)`` -> ``(C, *size)`` (bilinear for images)."""
+    if tuple(chw.shape[1:]) == tuple(size):
+        return chw
+    from skimage.transform import resize as sk_resize
+
+    return sk_resize(chw, (chw.shape[0], *size), order=order, preserve_range=True, anti_aliasing=order > 0).astype(np.float32)
+
+
+class ReadTiles:
+    """``map_batches`` callable: spec rows -> image tiles (+ targets). No Ray inside."""
+
+    def __init__(self, plan: Plan | dict, with_target: bool = True):
+        self.plan = plan if isinstance(plan, Plan) else Plan.from_json(plan)
+        self.with_target = with_target
+        from .tasks import get_task
+
+        self.task = get_task(self.plan.task)
+        from .augment import AugmentParams
+
+        # per-image std-normalisation / feature scaling: applied identically in training and prediction
+        self.norm_params = AugmentParams.from_dict(self.plan.extra.get("augment", {}))
+
+    def _normalize(self, chw: np.ndarray, image: str) -> np.ndarray:
+        from .augment import normalize
+
+        return normalize(normalize_image(chw, self.plan.image_norm[image]), self.norm_params)
+
+    def read_image(self, image: str, origin: Sequence[int]) -> np.ndarray:
+        p = self.plan
+        arr = _open(image)
+        if not self.task.pixelwise:
+            chw = read.to_channel_first(np.asarray(arr[...]), p.axes)
+            return resize(self._normalize(chw, image), p.image_size)
+        return self._normalize(read_window(arr, p.axes, origin, p.tile_shape), image)
+
+    def read_target(self, target: str, origin: Sequence[int]) -> np.ndarray:
+        p = self.plan
+        if target.startswith("["):
+            lab = _instance_label(target)
+            t = read_window(lab, "YX", origin, p.tile_shape)
+        else:
+            t = read_window(_open(target), p.target_axes, origin, p.tile_shape)
+        return self.task.prepare_target(t, p)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        images, targets = [], []
+        for i in range(len(batch["image"])):
+            origin = [int(v) for v in batch["origin"][i]]
+            images.append(self.read_image(str(batch["image"][i]), origin))
+            if self.with_target and self.task.pixelwise:
+                targets.append(self.read_target(str(batch["target"][i]), origin))
+        # only numeric scalar columns travel on (torch batches cannot hold lists or strings)
+        out = {k: np.asarray(batch[k]) for k in PASS_THROUGH if k in batch}
+        out["image"] = np.stack(images)
+        if targets:
+            out["target"] = np.stack(targets)
+        return out
+
+
+# ---------------------------------------------------------------- spec rows
+
+
+def _origins(shape: Sequence[int], tile: Sequence[int], n: int, rng: np.random.Generator) -> list[list[int]]:
+    """``n`` random tile origins inside an image (0 where the image is smaller than the tile)."""
+    return [[int(rng.integers(0, max(s - t, 0) + 1)) for s, t in zip(shape, tile)] for _ in range(n)]
+
+
+def tiles_per_image(spatial_shape: Sequence[int], tile: Sequence[int], configured: int | None) -> int:
+    """Enough random tiles per epoch to cover the image about once."""
+    if configured:
+        return configured
+    return int(np.prod([max(1, int(np.ceil(s / t))) for s, t in zip(spatial_shape, tile)]))
+
+
+def spatial_shape(shape: Sequence[int], axes: str) -> list[int]:
+    return [int(s) for s, a in zip(shape, axes) if a in "ZYX"]
+
+
+def training_rows(
+    samples: list[read.Sample],
+    shapes: dict[str, tuple[int, ...]],
+    plan: Plan,
+    seed: int,
+    epochs: range,
+    tiles: int | None = None,
+) -> list[dict]:
+    """Spec rows for ``epochs`` (e.g. ``range(3, 50)`` when resuming), shuffled per epoch.
+
+    Each row carries its own augmentation seed derived from (seed, epoch, position), so a run
+    reproduces regardless of how Ray batches or orders rows.
+    """
+    rows = []
+    for epoch in epochs:
+        rng = np.random.default_rng([seed, epoch])
+        epoch_rows = []
+        for s in samples:
+            sp = spatial_shape(shapes[str(s.image)], plan.axes)
+            n = tiles_per_image(sp, plan.tile_shape, tiles) if plan.image_size is None else 1
+            for origin in _origins(sp, plan.tile_shape, n, rng):
+                row = {"image": str(s.image), "target": encode_target(s.groundtruth), "origin": origin}
+                if isinstance(s.groundtruth, int):
+                    row["label"] = int(s.groundtruth)
+                epoch_rows.append(row)
+        for j, k in enumerate(rng.permutation(len(epoch_rows))):
+            r = dict(epoch_rows[k])
+            r["seed"] = int((seed * 7919 + epoch * EPOCH_SEED_STRIDE + j) % (2**63 - 1))
+            r["epoch"] = epoch
+            rows.append(r)
+    return rows
+
+
+def grid_rows(samples: list[read.Sample], shapes: dict[str, tuple[int, ...]], plan: Plan, overlap: float) -> list[dict]:
+    """Spec rows covering each image with the prediction tile grid (validation / prediction)."""
+    from .tile import tile_grid
+
+    rows = []
+    for idx, s in enumerate(samples):
+        sp = spatial_shape(shapes[str(s.image)], plan.axes)
+        if plan.image_size is not None:  # classification: one row per image
+            tiles = [None]
+        else:
+            ov = tuple(int(t * overlap) for t in plan.tile_shape)
+            tiles = tile_grid(tuple(sp), tuple(plan.tile_shape), ov)
+        for t_idx, t in enumerate(tiles):
+            origin = [0] * len(sp) if t is None else [int(sl.start) - int(p[0]) for sl, p in zip(t.read, t.pad)]
+            row = {"image": str(s.image), "target": encode_target(s.groundtruth), "origin": origin,
+                   "image_index": idx, "tile_index": t_idx, "seed": 0}
+            if isinstance(s.groundtruth, int):
+                row["label"] = int(s.groundtruth)
+            rows.append(row)
+    return rows
+
+
+# ---------------------------------------------------------------- Ray datasets
+
+
+def ray_dataset(rows: list[dict], plan: Plan, augment_params=None, with_target: bool = True, rows_per_block: int = 8):
+    """Ray Dataset: spec rows -> ``ReadTiles`` -> (optional) augmentation, all streaming."""
+    import ray
+
+    ds = ray.data.from_items(rows, override_num_blocks=max(1, len(rows) // rows_per_block))
+    reader = ReadTiles(plan, with_target)
+
+    def read_tiles(batch: dict) -> dict:
+        return reader(batch)
+
+    ds = ds.map_batches(read_tiles, batch_size=rows_per_block, batch_format="numpy")
+    if augment_params is not None:
+        from .augment import augment_batch
+        from .tasks import get_task
+
+        kind = get_task(plan.task).target_kind
+        ds = ds.map_batches(
+            augment_batch, fn_kwargs={"params": augment_params, "target_kind": kind or "none", "normalize_first": False},
+            batch_size=rows_per_block, batch_format="numpy",
+        )
+    return ds
+

@@ -1,0 +1,34 @@
+"""Errors a user can act on. Each carries every problem found, not only the first."""
+
+from __future__ import annotations
+
+
+class InstantDLError(Exception):
+    """Base class: the CLI prints these without a traceback and exits 2."""
+
+    def __init__(self, problems: list[str] | str, title: str = "Problem"):
+        if isinstance(problems, str):
+            problems = [problems]
+        self.problems = list(problems)
+        self.title = title
+        super().__init__(self.format())
+
+    def format(self) -> str:
+        n = len(self.problems)
+        head = f"{self.title}: {n} problem{'s' if n != 1 else ''} found"
+        return head + "\n" + "\n".join(f"  - {p}" for p in self.problems)
+
+
+class ConfigError(InstantDLError):
+    def __init__(self, problems, title: str = "Invalid configuration"):
+        super().__init__(problems, title)
+
+
+class DataError(InstantDLError):
+    def __init__(self, problems, title: str = "Invalid data"):
+        super().__init__(problems, title)
+
+
+class WeightsError(InstantDLError):
+    def __init__(self, problems, title: str = "Cannot load pretrained weights"):
+        super().__init__(problems, title)

@@ -1,0 +1,180 @@
+"""``run(cfg)``: the table of contents of the package, one call per stage.
+
+validate -> run directory -> plan -> Ray -> train -> predict (MC dropout) -> evaluate -> report
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+from . import config as config_mod
+from .config import Config
+from .plan import Plan, make_plan
+from .validate import Inventory, validate
+
+RUN_STATE = "run.json"
+
+
+class RunLog:
+    """Prints and appends to ``<run_dir>/logs/run.log``, with time since start."""
+
+    def __init__(self, path: Path | None = None):
+        self.path = path
+        self.t0 = time.time()
+        self.stages: dict[str, float] = {}
+
+    def __call__(self, msg: str) -> None:
+        line = f"[{time.time() - self.t0:7.1f}s] {msg}"
+        print(line, flush=True)
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a") as f:
+                f.write(line + "\n")
+
+    def stage(self, name: str, t_start: float) -> None:
+        self.stages[name] = round(time.time() - t_start, 2)
+
+
+def make_run_dir(cfg: Config, out: str | Path | None) -> Path:
+    if out:
+        run_dir = Path(out).expanduser().resolve()
+    else:
+        stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        run_dir = Path(cfg.path) / "runs" / stamp
+    if (run_dir / RUN_STATE).exists():
+        state = json.loads((run_dir / RUN_STATE).read_text())
+        raise FileExistsError(
+            f"{run_dir} already holds a run (status: {state.get('status')}); choose another --out, "
+            f"or continue it with: python -m instantdl_ray run --resume {run_dir}"
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def _set_state(run_dir: Path, **kw) -> None:
+    path = run_dir / RUN_STATE
+    state = json.loads(path.read_text()) if path.exists() else {}
+    state.update(kw)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(state, indent=1))
+    tmp.replace(path)
+
+
+def run(cfg: Config, out: str | Path | None = None, address: str | None = None, resume: str | Path | None = None,
+        num_cpus: int | None = None) -> Path:
+    """Run every stage for ``cfg``; returns the run directory."""
+    t = time.time()
+    inv = validate(cfg)  # every data problem reported before anything is written or started
+    if resume:
+        run_dir = Path(resume).resolve()
+    else:
+        run_dir = make_run_dir(cfg, out)
+    log = RunLog(run_dir / "logs" / "run.log")
+    log.stage("validate", t)
+    log(f"{cfg.use_algorithm} on {cfg.path}: {len(inv.samples.get('train', []))} train / "
+        f"{len(inv.samples.get('test', []))} test images, axes {inv.axes}")
+    _set_state(run_dir, status="running", started=_dt.datetime.now().isoformat(timespec="seconds"))
+    config_mod.dump(cfg, run_dir / "config.yaml")
+
+    t = time.time()
+    plan = _plan(cfg, inv, run_dir, resume)
+    log.stage("plan", t)
+    log(f"plan: model {plan.model}, {plan.in_channels} input channel(s), tile {plan.tile_shape}, "
+        f"loss {plan.loss}, {len(plan.train_names)} train / {len(plan.val_names)} validation images")
+
+    t = time.time()
+    from . import _ray
+
+    _ray.init(address or cfg.ray.address, num_cpus=num_cpus)
+    cpus, gpus = _ray.cluster_resources()
+    resources = _ray.plan_resources(cfg.ray, cpus, gpus)
+    log.stage("ray_start", t)
+    log(f"Ray: {cpus:g} CPU(s), {gpus:g} GPU(s)")
+
+    t = time.time()
+    model_path = _train(cfg, plan, inv, run_dir, resources, bool(resume), log)
+    log.stage("train", t)
+
+    t = time.time()
+    from .predict import predict
+
+    test = inv.samples.get("test", [])
+    records = predict(cfg, plan, test, inv.image_shapes, model_path, run_dir, resources, log=log)
+    (run_dir / "predictions" / "index.json").write_text(json.dumps(records, indent=1, default=str))
+    log.stage("predict", t)
+    log(f"predictions: {run_dir / 'predictions'}")
+
+    if cfg.evaluation:
+        t = time.time()
+        summary = evaluate_run(run_dir, cfg, plan, records, log)
+        log.stage("evaluate", t)
+        if summary:
+            log("results: " + ", ".join(f"{k} {v:.4f}" for k, v in summary.items() if isinstance(v, (int, float))))
+    _set_state(run_dir, status="complete", finished=_dt.datetime.now().isoformat(timespec="seconds"),
+               stage_seconds=log.stages)
+    log(f"done. Results in {run_dir}")
+    return run_dir
+
+
+def _plan(cfg: Config, inv: Inventory, run_dir: Path, resume) -> Plan:
+    path = run_dir / "plan.json"
+    if resume and path.exists():
+        plan = Plan.from_json(path)
+        # test images may have been added; their normalisation comes from this data set
+        fresh = make_plan(cfg, inv)
+        plan.image_norm.update({k: v for k, v in fresh.image_norm.items() if k not in plan.image_norm})
+        return plan
+    plan = make_plan(cfg, inv)
+    w = cfg.pretrained_weights
+    if cfg.iterations_over_dataset == 0 and isinstance(w, str) and (Path(w) / "plan.json").exists():
+        # predict-only from a trained run: its target scaling and split apply
+        old = Plan.from_json(Path(w) / "plan.json")
+        plan.target_mean, plan.target_std = old.target_mean, old.target_std
+    plan.to_json(path)
+    return plan
+
+
+def _train(cfg, plan, inv, run_dir: Path, resources, resume: bool, log: Callable) -> Path:
+    if cfg.iterations_over_dataset > 0:
+        from .augment import AugmentParams
+        from .train import fit
+
+        params = AugmentParams.from_dict(cfg.data_gen_args.model_dump())
+        return fit(cfg, plan, inv, run_dir, resources, params, resume=resume, log=log)
+    # predict only (InstantDL: iterations_over_dataset 0 with pretrained weights)
+    import torch
+
+    from .tasks import get_task
+    from .weights import load_pretrained
+
+    model = get_task(plan.task).build_model(plan)
+    info = load_pretrained(model, cfg.pretrained_weights, model_name=plan.model, log=log)
+    log(f"predict only: {len(info['loaded'])} tensors loaded from {cfg.pretrained_weights}")
+    best = run_dir / "checkpoints" / "best" / "model.pt"
+    best.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), best)
+    return best
+
+
+def evaluate_run(run_dir: Path, cfg: Config, plan: Plan, records: list[dict], log: Callable) -> dict:
+    """Evaluate predictions against test groundtruth, when the test split has it."""
+    from .evaluate import evaluate
+
+    items = [r for r in records if r.get("groundtruth") is not None]
+    if not items:
+        log("evaluation skipped: the test split has no groundtruth")
+        return {}
+    if plan.task == "classification":
+        items = [{"name": r["name"], "groundtruth": r["groundtruth"]} for r in items]
+    else:
+        items = [{"name": r["name"], "prediction": r["prediction"], "image": r["image"],
+                  "groundtruth": r["groundtruth"], "uncertainty": r.get("uncertainty")} for r in items]
+    num_classes = plan.num_classes if plan.task != "instance" else 1
+    names = dict(enumerate(plan.class_names)) if plan.task == "classification" else None
+    results = evaluate(run_dir, plan.task, items, num_classes=num_classes, class_names=names)
+    log(f"evaluation: {run_dir / 'evaluation'}")
+    return results.get("summary", {})

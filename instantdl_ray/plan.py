@@ -1,0 +1,200 @@
+"""Dataset fingerprint -> ``plan.json``: axes, channels, normalisation, tile shape, classes.
+
+The plan is computed once on the driver from a sample of the data (never every pixel of a
+slide) and travels to every worker and actor as plain JSON.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import read
+
+# Robust per-image input normalisation (CSBDeep / StarDist): map these percentiles to 0 and 1.
+NORM_PERCENTILES = (1.0, 99.8)
+# Pixels drawn per image for statistics; bounded so huge images cost the same as small ones.
+STAT_PIXELS = 200_000
+
+
+@dataclass
+class Plan:
+    task: str
+    spatial_dims: int
+    axes: str  # image axes in the files, e.g. "YX", "YXC", "CYX", "ZYX"
+    target_axes: str | None  # groundtruth axes (pixel tasks)
+    in_channels: int
+    out_channels: int
+    num_classes: int  # 1 = binary (semantic) / regression channels
+    class_names: list[str]
+    tile_shape: list[int]  # spatial tile for training and prediction
+    image_size: list[int] | None  # classification: resize target
+    model: str
+    loss: str
+    dropout: float
+    target_mean: list[float] = field(default_factory=list)  # regression target scaling
+    target_std: list[float] = field(default_factory=list)
+    image_norm: dict[str, list[list[float]]] = field(default_factory=dict)  # name -> per-channel (lo, hi)
+    train_names: list[str] = field(default_factory=list)
+    val_names: list[str] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(asdict(self), indent=1))
+
+    @classmethod
+    def from_json(cls, path_or_text: str | Path | dict) -> "Plan":
+        if isinstance(path_or_text, dict):
+            return cls(**path_or_text)
+        return cls(**json.loads(Path(path_or_text).read_text()))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _subsample(arr: Any, axes: str | None = None, max_pixels: int = STAT_PIXELS) -> np.ndarray:
+    """Read a strided view of a (possibly lazy) array with at most ~``max_pixels`` elements.
+
+    Only spatial axes (``Z``, ``Y``, ``X`` in ``axes``; all axes longer than 4 when ``axes`` is
+    None) are strided, so channels stay whole.
+    """
+    total = int(np.prod(arr.shape))
+    if total <= max_pixels:
+        return np.asarray(arr[...])
+    if axes is None:
+        strided = [s > 4 for s in arr.shape]
+    else:
+        strided = [a in "ZYX" for a in axes]
+    step = int(np.ceil((total / max_pixels) ** (1 / max(1, sum(strided)))))
+    idx = tuple(slice(None, None, step) if st else slice(None) for st in strided)
+    return np.asarray(arr[idx])
+
+
+def image_percentiles(path: Path, axes: str) -> list[list[float]]:
+    """Per-channel (lo, hi) intensity percentiles of one image, from a bounded subsample."""
+    arr = _subsample(read.open_array(path), axes)
+    chw = read.to_channel_first(arr, axes)
+    flat = chw.reshape(chw.shape[0], -1)
+    lo, hi = np.percentile(flat, NORM_PERCENTILES, axis=1)
+    return [[float(a), float(b)] for a, b in zip(lo, hi)]
+
+
+def normalize_image(chw: np.ndarray, lohi: list[list[float]]) -> np.ndarray:
+    """``(C, ...)`` -> percentiles mapped to [0, 1] per channel (values may exceed the range)."""
+    lohi_arr = np.asarray(lohi, dtype=np.float32)
+    shape = (-1,) + (1,) * (chw.ndim - 1)
+    lo = lohi_arr[:, 0].reshape(shape)
+    hi = lohi_arr[:, 1].reshape(shape)
+    return ((chw - lo) / np.maximum(hi - lo, 1e-6)).astype(np.float32)
+
+
+def round_up(n: int, k: int) -> int:
+    return int(-(-n // k) * k)
+
+
+def default_tile(spatial_shape: tuple[int, ...], image_size, divisor: int = 16) -> list[int]:
+    """Tile shape: ``image_size`` if set, else the image up to 256 (2D) / 32x128x128 (3D), divisible."""
+    nd = len(spatial_shape)
+    if image_size not in (False, None):
+        size = [int(image_size)] * nd if isinstance(image_size, int) else [int(s) for s in image_size]
+        if len(size) == 2 and nd == 3:
+            size = [spatial_shape[0], *size]
+        return [round_up(s, divisor) for s in size]
+    caps = [256, 256] if nd == 2 else [32, 128, 128]
+    return [round_up(min(s, c), divisor) for s, c in zip(spatial_shape, caps)]
+
+
+def _target_axes(tshape: tuple[int, ...], spatial: str) -> str:
+    if len(tshape) == len(spatial):
+        return spatial
+    if len(tshape) == len(spatial) + 1:
+        return spatial + "C" if tshape[-1] <= 4 and tshape[0] > 4 else "C" + spatial
+    raise ValueError(f"groundtruth of shape {tshape} does not fit image axes '{spatial}'")
+
+
+def split_train_val(names: list[str], fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """Seeded 80/20 (by default) split of the training images into train and validation."""
+    names = sorted(names)
+    if fraction <= 0 or len(names) < 2:
+        return names, []
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(names))
+    n_val = min(len(names) - 1, max(1, int(round(fraction * len(names)))))
+    val = sorted(names[i] for i in order[:n_val])
+    return sorted(set(names) - set(val)), val
+
+
+def make_plan(cfg, inv) -> Plan:
+    """Fingerprint the data set described by ``inv`` (from ``validate``) under ``cfg``."""
+    from .tasks import get_task
+
+    task = get_task(cfg.task)
+    fields = task.plan_fields(cfg, inv)
+    samples = [s for ss in inv.samples.values() for s in ss]
+    first = samples[0]
+    shape = inv.image_shapes[str(first.image)]
+    axes = inv.axes
+    in_channels = shape[axes.index("C")] if "C" in axes else 1
+    if axes.endswith("C") and in_channels == 4:
+        in_channels = 3  # RGBA -> RGB
+    spatial_axes = "".join(a for a in axes if a in "ZYX")
+    spatial_shape = tuple(s for s, a in zip(shape, axes) if a in "ZYX")
+    target_axes = None
+    if task.pixelwise and str(first.image) in inv.target_shapes:
+        target_axes = _target_axes(inv.target_shapes[str(first.image)], spatial_axes)
+
+    image_size = None
+    if task.pixelwise:
+        tile = default_tile(spatial_shape, cfg.image_size)
+    else:
+        if cfg.image_size not in (False, None):
+            image_size = [int(cfg.image_size)] * 2 if isinstance(cfg.image_size, int) else [int(s) for s in cfg.image_size]
+        else:
+            side = max(spatial_shape[-2:])
+            image_size = [min(128, round_up(side, 32))] * 2
+        tile = image_size
+
+    train = [str(s.image) for s in inv.samples.get("train", [])]
+    tr, va = split_train_val(train, cfg.validation_split, cfg.seed)
+    plan = Plan(
+        task=task.name,
+        spatial_dims=len(spatial_axes),
+        axes=axes,
+        target_axes=target_axes,
+        in_channels=int(in_channels),
+        out_channels=int(fields["out_channels"]),
+        num_classes=int(fields["num_classes"]),
+        class_names=list(fields["class_names"]),
+        tile_shape=[int(t) for t in tile],
+        image_size=image_size,
+        model=(cfg.model or task.models[0]).lower(),
+        loss=fields["loss"],
+        dropout=float(cfg.dropout if cfg.dropout is not None else task.default_dropout),
+        train_names=tr,
+        val_names=va,
+        extra={**fields.get("extra", {}), "augment": cfg.data_gen_args.model_dump()},
+    )
+    plan.image_norm = {str(s.image): image_percentiles(s.image, axes) for s in samples}
+    if task.name == "regression":
+        stats = [_target_stats(s, target_axes) for s in inv.samples.get("train", [])[:64]]
+        if stats:
+            n = np.sum([c for c, _, _ in stats], axis=0)
+            mean = np.sum([m * c for c, m, _ in stats], axis=0) / n
+            ex2 = np.sum([(v + m**2) * c for c, m, v in stats], axis=0) / n
+            std = np.sqrt(np.maximum(ex2 - mean**2, 1e-12))
+            plan.target_mean = [float(x) for x in np.atleast_1d(mean)]
+            plan.target_std = [float(x) for x in np.maximum(np.atleast_1d(std), 1e-6)]
+            plan.out_channels = len(plan.target_mean)
+        else:  # predict-only: statistics come from the trained run's plan
+            plan.target_mean, plan.target_std = [0.0], [1.0]
+    return plan
+
+
+def _target_stats(sample, target_axes: str):
+    arr = read.to_channel_first(_subsample(read.open_array(sample.groundtruth), target_axes), target_axes)
+    flat = arr.reshape(arr.shape[0], -1).astype(np.float64)
+    return flat.shape[1], flat.mean(1), flat.var(1)

@@ -1,0 +1,327 @@
+"""Readers and writers at the edge of the package, and InstantDL folder-layout discovery.
+
+Everything inside the package uses one axis convention: ``(C, [Z,] Y, X)`` float32.
+Files are read in their own order (``read_raw``) and converted once (``to_channel_first``).
+
+Supported layouts (``<root>/<split>/`` with split in ``train`` / ``test``):
+
+* InstantDL default: ``image/<name>`` and ``groundtruth/<name>`` (same file name).
+* Classification: ``image/<name>`` and ``groundtruth/groundtruth.csv`` (``filename,groundtruth``).
+* InstantDL instance layout: ``<id>/image/<id>.png`` and ``<id>/mask/*.png`` (one binary mask per object).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".npy", ".zarr")
+SPLITS = ("train", "test")
+CSV_NAME = "groundtruth.csv"
+
+
+def is_image(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
+
+
+def open_array(path: str | Path, level: int | str = 0) -> Any:
+    """A lazily sliceable array for ``path`` (zarr / TIFF), or a numpy array for small formats.
+
+    zarr groups (OME-Zarr multiscales) resolve to the array at ``level``.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix == ".zarr":
+        import zarr
+
+        node = zarr.open(str(path), mode="r")
+        if isinstance(node, zarr.Array):
+            return node
+        keys = sorted(node.array_keys())
+        key = str(level)
+        if key not in keys:
+            # OME-Zarr: datasets listed in multiscales metadata
+            ms = node.attrs.get("multiscales") or node.attrs.get("ome", {}).get("multiscales")
+            if ms:
+                key = ms[0]["datasets"][int(level)]["path"]
+            elif keys:
+                key = keys[0]
+        return node[key]
+    if suffix in (".tif", ".tiff"):
+        import tifffile
+        import zarr
+
+        store = tifffile.imread(str(path), aszarr=True)
+        node = zarr.open(store, mode="r")
+        if isinstance(node, zarr.Array):
+            return node
+        return node[str(level)]
+    return read_raw(path)
+
+
+def read_raw(path: str | Path) -> np.ndarray:
+    """Read a whole image file as stored (no axis change, original dtype)."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix in (".tif", ".tiff"):
+        import tifffile
+
+        return np.asarray(tifffile.imread(str(path)))
+    if suffix == ".npy":
+        return np.load(str(path), allow_pickle=False)
+    if suffix == ".zarr":
+        return np.asarray(open_array(path)[...])
+    if suffix in (".png", ".jpg", ".jpeg"):
+        from PIL import Image
+
+        with Image.open(path) as im:
+            if im.mode in ("P", "CMYK", "YCbCr", "LAB", "HSV"):
+                im = im.convert("RGB")
+            return np.asarray(im)
+    raise ValueError(f"{path}: unsupported file type '{suffix}'; use one of {', '.join(IMAGE_SUFFIXES)}")
+
+
+def infer_axes(image_shape: Sequence[int], target_shape: Sequence[int] | None, spatial_dims: int | None = None) -> str:
+    """Guess the axis order of an image from its shape and its pixel target's shape.
+
+    Returns a string over ``CZYX`` (e.g. ``"YX"``, ``"YXC"``, ``"CYX"``, ``"ZYX"``).
+    Rules: a trailing axis of length <= 4 is colour; a leading axis of an image whose
+    target lacks it is channels (e.g. 13 phase-contrast slices -> 13 channels); an image whose
+    target has the same 3-D shape is a volume. ``spatial_dims`` (2 or 3) settles the rest.
+    """
+    shape = tuple(image_shape)
+    tshape = tuple(target_shape) if target_shape is not None else None
+    if len(shape) == 2:
+        return "YX"
+    if len(shape) == 3:
+        if tshape is not None and len(tshape) == 3 and tshape == shape:
+            return "ZYX" if spatial_dims != 2 else "CYX"
+        if tshape is not None and tuple(tshape[-2:]) == shape[1:] and len(tshape) == 2:
+            return "CYX"
+        if shape[-1] <= 4 and shape[0] > 4:
+            return "YXC"
+        if spatial_dims == 3:
+            return "ZYX"
+        return "CYX"
+    if len(shape) == 4:
+        if shape[-1] <= 4 and shape[1] > 4:
+            return "ZYXC"
+        return "CZYX"
+    raise ValueError(f"cannot infer axes for an image of shape {shape}; set 'axes' in the config (e.g. 'CZYX')")
+
+
+def to_channel_first(array: np.ndarray, axes: str) -> np.ndarray:
+    """Reorder ``array`` with axis string ``axes`` to ``(C, [Z,] Y, X)`` float32.
+
+    A 4-channel colour image (RGBA PNG) drops its alpha channel.
+    """
+    axes = axes.upper()
+    if array.ndim != len(axes):
+        raise ValueError(f"array of shape {array.shape} does not match axes '{axes}'")
+    if "C" not in axes:
+        array = array[None]
+        axes = "C" + axes
+    order = [axes.index(a) for a in "CZYX" if a in axes]
+    out = np.transpose(array, order)
+    if axes.endswith("C") and out.shape[0] == 4:
+        out = out[:3]
+    return np.ascontiguousarray(out, dtype=np.float32)
+
+
+# ---------------------------------------------------------------- layout discovery
+
+
+@dataclass
+class Sample:
+    """One training/test example as found on disk (no pixels loaded)."""
+
+    name: str
+    image: Path
+    groundtruth: Path | list[Path] | int | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def stem(self) -> str:
+        return _stem(self.image)
+
+
+def _stem(path: Path) -> str:
+    name = path.name
+    for suf in IMAGE_SUFFIXES:
+        if name.lower().endswith(suf):
+            return name[: -len(suf)]
+    return path.stem
+
+
+def read_label_csv(path: Path) -> dict[str, int]:
+    """``filename,groundtruth`` rows -> {filename: class}. Raises ValueError naming bad rows."""
+    out: dict[str, int] = {}
+    bad: list[str] = []
+    with open(path, newline="") as f:
+        reader = csv.reader(f)
+        rows = list(reader)
+    if not rows:
+        raise ValueError(f"{path}: empty file; expected a header 'filename,groundtruth' and one row per image")
+    start = 1 if rows[0] and not rows[0][-1].strip().lstrip("-").isdigit() else 0
+    for i, row in enumerate(rows[start:], start=start + 1):
+        if not row or all(not c.strip() for c in row):
+            continue
+        if len(row) < 2:
+            bad.append(f"line {i}: {row!r} has no label column")
+            continue
+        try:
+            out[row[0].strip()] = int(float(row[1]))
+        except ValueError:
+            bad.append(f"line {i}: label {row[1]!r} is not an integer class")
+    if bad:
+        raise ValueError(f"{path}: " + "; ".join(bad))
+    return out
+
+
+def read_class_names(root: Path) -> dict[int, str] | None:
+    """``classes.txt`` beside the splits: ``<index><tab or space><name>`` per line."""
+    path = Path(root) / "classes.txt"
+    if not path.exists():
+        return None
+    names: dict[int, str] = {}
+    for line in path.read_text().splitlines():
+        parts = line.strip().split(None, 1)
+        if len(parts) == 2 and parts[0].isdigit():
+            names[int(parts[0])] = parts[1].strip()
+    return names or None
+
+
+def has_instance_folder_layout(split_dir: Path) -> bool:
+    if not split_dir.is_dir() or (split_dir / "image").is_dir():
+        return False
+    return any((d / "image").is_dir() and (d / "mask").is_dir() for d in split_dir.iterdir() if d.is_dir())
+
+
+def discover(root: str | Path, split: str, task: str) -> tuple[list[Sample], list[str]]:
+    """List the samples of ``<root>/<split>`` for ``task``; returns (samples, problems).
+
+    Problems are human-readable strings naming the file and the fix; pixel data is not read.
+    """
+    root = Path(root)
+    split_dir = root / split
+    problems: list[str] = []
+    samples: list[Sample] = []
+    if not split_dir.is_dir():
+        return [], [f"{split_dir}: folder missing; expected {split_dir}/image/ (and groundtruth/)"]
+
+    if task == "instance" and has_instance_folder_layout(split_dir):
+        for d in sorted(p for p in split_dir.iterdir() if p.is_dir()):
+            imgs = sorted(p for p in (d / "image").glob("*") if is_image(p)) if (d / "image").is_dir() else []
+            if len(imgs) != 1:
+                problems.append(f"{d}/image: expected exactly one image, found {len(imgs)}")
+                continue
+            masks = sorted(p for p in (d / "mask").glob("*") if is_image(p)) if (d / "mask").is_dir() else []
+            if not masks and split == "train":
+                problems.append(f"{d}/mask: no mask files; put one binary PNG per object there")
+            samples.append(Sample(d.name, imgs[0], masks or None))
+        return samples, problems
+
+    image_dir = split_dir / "image"
+    gt_dir = split_dir / "groundtruth"
+    if not image_dir.is_dir():
+        return [], [f"{image_dir}: folder missing; put the {split} images there"]
+    images = sorted(p for p in image_dir.iterdir() if is_image(p))
+    skipped = sorted(p.name for p in image_dir.iterdir() if not is_image(p) and not p.name.startswith("."))
+    if skipped:
+        problems.append(
+            f"{image_dir}: {len(skipped)} file(s) with an unsupported type ({', '.join(skipped[:5])}); "
+            f"supported: {', '.join(IMAGE_SUFFIXES)}"
+        )
+    if not images:
+        problems.append(f"{image_dir}: no images found (supported: {', '.join(IMAGE_SUFFIXES)})")
+        return [], problems
+
+    need_gt = split == "train"
+    if task == "classification":
+        csv_path = gt_dir / CSV_NAME
+        if not csv_path.exists():
+            if need_gt:
+                problems.append(f"{csv_path}: missing; write one row 'filename,groundtruth' per image")
+            return [Sample(_stem(p), p, None) for p in images], problems
+        try:
+            labels = read_label_csv(csv_path)
+        except ValueError as e:
+            return [Sample(_stem(p), p, None) for p in images], [*problems, str(e)]
+        names = {p.name for p in images}
+        for p in images:
+            if p.name not in labels:
+                problems.append(f"{p}: no row in {csv_path}; add '{p.name},<class>'")
+        for fname in labels:
+            if fname not in names:
+                problems.append(f"{csv_path}: row '{fname}' names a file missing from {image_dir}")
+        return [Sample(_stem(p), p, labels.get(p.name)) for p in images], problems
+
+    if not gt_dir.is_dir():
+        if need_gt:
+            problems.append(f"{gt_dir}: folder missing; put one groundtruth file per image there, same file name")
+        return [Sample(_stem(p), p, None) for p in images], problems
+    gts = {p.name: p for p in gt_dir.iterdir() if is_image(p)}
+    gts_by_stem = {_stem(p): p for p in gts.values()}
+    used: set[str] = set()
+    for p in images:
+        gt = gts.get(p.name) or gts_by_stem.get(_stem(p))
+        if gt is None:
+            if need_gt or gts:
+                problems.append(f"{p}: no groundtruth partner; expected {gt_dir / p.name}")
+        else:
+            used.add(gt.name)
+        samples.append(Sample(_stem(p), p, gt))
+    for name in sorted(set(gts) - used):
+        problems.append(f"{gt_dir / name}: groundtruth without an image; expected {image_dir / name}")
+    return samples, problems
+
+
+def read_instance_masks(masks: Sequence[Path]) -> np.ndarray:
+    """Per-object binary masks -> uint16 label image (later objects win on overlap)."""
+    label = None
+    for i, p in enumerate(masks, start=1):
+        m = read_raw(p)
+        if m.ndim == 3:
+            m = m[..., 0]
+        if label is None:
+            label = np.zeros(m.shape, dtype=np.uint16)
+        label[m > 0] = i
+    if label is None:
+        raise ValueError("no masks given")
+    return label
+
+
+def read_target(sample: Sample) -> np.ndarray:
+    """The groundtruth of a pixel task as stored (label image for instance folders)."""
+    gt = sample.groundtruth
+    if isinstance(gt, list):
+        return read_instance_masks(gt)
+    if gt is None or isinstance(gt, int):
+        raise ValueError(f"{sample.image}: no pixel groundtruth")
+    return read_raw(gt)
+
+
+# ---------------------------------------------------------------- writers
+
+
+def write_tiff(path: str | Path, array: np.ndarray, **kwargs: Any) -> Path:
+    """Write atomically (temp file + rename), so a crash never leaves a half-written TIFF."""
+    import tifffile
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".tif", dir=path.parent, prefix=".tmp-")
+    os.close(fd)
+    try:
+        tifffile.imwrite(tmp, np.asarray(array), **kwargs)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path

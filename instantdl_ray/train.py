@@ -1,0 +1,329 @@
+"""Training with Ray Train: ``train_loop_per_worker`` (runs in each worker) and ``fit`` (driver).
+
+One streaming pass over a Ray Dataset of tile specs for all epochs (rows carry per-epoch
+augmentation seeds), Adam, validation each epoch, early stopping on the validation loss (as
+InstantDL), the best model kept, a checkpoint every epoch so a worker failure or an
+interrupted run continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .plan import Plan
+
+MODEL_FILE = "model.pt"  # current weights
+BEST_FILE = "best.pt"  # best weights so far
+STATE_FILE = "state.pt"  # optimizer, epoch, early-stopping state, history
+
+
+def _all_reduce(sums: dict[str, float]) -> dict[str, float]:
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return sums
+    keys = sorted(sums)
+    t = torch.tensor([float(sums[k]) for k in keys], dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t)
+    return {k: float(v) for k, v in zip(keys, t.cpu().tolist())}
+
+
+def _unwrap(model):
+    return getattr(model, "module", model)
+
+
+def _fmt_time(s: float) -> str:
+    s = int(max(s, 0))
+    return f"{s // 3600}h{(s % 3600) // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+class EarlyStopping:
+    """Stop after ``patience`` epochs without a lower monitored loss; remembers the best."""
+
+    def __init__(self, patience: int, best: float = math.inf, bad_epochs: int = 0, best_epoch: int = -1):
+        self.patience, self.best, self.bad_epochs, self.best_epoch = patience, best, bad_epochs, best_epoch
+
+    def step(self, value: float, epoch: int) -> bool:
+        """Record ``value``; returns True when it is a new best."""
+        if value < self.best - 1e-7:
+            self.best, self.bad_epochs, self.best_epoch = value, 0, epoch
+            return True
+        self.bad_epochs += 1
+        return False
+
+    @property
+    def should_stop(self) -> bool:
+        return self.bad_epochs >= self.patience
+
+    def state(self) -> dict:
+        return {"best": self.best, "bad_epochs": self.bad_epochs, "best_epoch": self.best_epoch}
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Runs inside every Ray Train worker. ``config`` is plain JSON-able data."""
+    import tempfile
+
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    from .tasks import get_task
+
+    plan = Plan.from_json(config["plan"])
+    task = get_task(plan.task)
+    torch.set_num_threads(int(config["torch_threads"]))
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(int(config["seed"]) + rank)
+    device = ray.train.torch.get_device()
+
+    model = task.build_model(plan)
+    log_path = Path(config["log_file"]) if config.get("log_file") else None
+
+    def log(msg: str) -> None:
+        if rank != 0:
+            return
+        print(msg, flush=True)
+        if log_path is not None and log_path.parent.exists():
+            with open(log_path, "a") as f:
+                f.write(msg + "\n")
+
+    stopper = EarlyStopping(int(config["patience"]))
+    start_epoch, history, opt_state = 0, [], None
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            model.load_state_dict(torch.load(Path(d) / MODEL_FILE, map_location="cpu"))
+            st = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
+            best_state = torch.load(Path(d) / BEST_FILE, map_location="cpu")
+        start_epoch, history, opt_state = st["epoch"] + 1, st["history"], st["optimizer"]
+        stopper = EarlyStopping(int(config["patience"]), **st["early_stopping"])
+        log(f"resumed from checkpoint after epoch {start_epoch} (best val loss {stopper.best:.4g})")
+    else:
+        best_state = None
+        if config.get("pretrained_weights"):
+            from .weights import load_pretrained
+
+            info = load_pretrained(model, config["pretrained_weights"], model_name=plan.model, log=log)
+            log(f"pretrained weights: {len(info['loaded'])} tensors loaded, {len(info['skipped'])} skipped")
+
+    model = ray.train.torch.prepare_model(
+        model, parallel_strategy_kwargs={"find_unused_parameters": plan.model.startswith("maskrcnn")}
+    )
+    opt = torch.optim.Adam(model.parameters(), lr=float(config["lr"]))
+    if opt_state is not None:
+        opt.load_state_dict(opt_state)
+    loss_fn = task.make_loss(plan)
+    use_amp = device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda") if use_amp else None
+
+    bs = int(config["batch_size"])
+    epochs = int(config["epochs"])
+    steps_per_epoch = max(1, math.ceil(int(config["rows_per_epoch"]) / (bs * world)))
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val") if config["has_val"] else None
+    writer = None
+    if rank == 0 and config.get("tensorboard_dir"):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            writer = SummaryWriter(config["tensorboard_dir"])
+        except Exception as e:  # tensorboard is optional for a run to succeed
+            log(f"TensorBoard disabled: {e}")
+
+    def to_dev(batch: dict) -> dict:
+        return {k: v.to(device) for k, v in batch.items() if k in ("image", "target", "label")}
+
+    batches = train_shard.iter_torch_batches(batch_size=bs, drop_last=False, prefetch_batches=2)
+    it = iter(batches)
+    epoch = start_epoch
+    t_epochs: list[float] = []
+    exhausted = False
+    while epoch < epochs and not exhausted:
+        t0 = time.time()
+        model.train()
+        loss_sum, n_seen = 0.0, 0
+        for _ in range(steps_per_epoch):
+            try:
+                batch = to_dev(next(it))
+            except StopIteration:
+                exhausted = True
+                break
+            opt.zero_grad(set_to_none=True)
+            if use_amp:
+                with torch.autocast("cuda", dtype=torch.float16):
+                    loss = task.loss(model, batch, loss_fn)
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+            else:
+                loss = task.loss(model, batch, loss_fn)
+                loss.backward()
+                opt.step()
+            b = batch["image"].shape[0]
+            loss_sum += float(loss.detach()) * b
+            n_seen += b
+        if n_seen == 0:
+            break
+        tr = _all_reduce({"loss_sum": loss_sum, "n": n_seen})
+        metrics = {"epoch": epoch, "loss": tr["loss_sum"] / max(tr["n"], 1)}
+        if val_shard is not None:
+            model.eval()
+            sums: dict[str, float] = {}
+            with torch.no_grad():
+                for vb in val_shard.iter_torch_batches(batch_size=bs):
+                    for k, v in task.val_sums(model, to_dev(vb), loss_fn).items():
+                        sums[k] = sums.get(k, 0.0) + v
+            metrics.update(task.val_summary(_all_reduce(sums)) if sums else {})
+        monitored = metrics.get("val_loss", metrics["loss"])
+        improved = stopper.step(monitored, epoch)
+        t_epochs.append(time.time() - t0)
+        metrics.update(best_val_loss=stopper.best, best_epoch=stopper.best_epoch, epoch_time_s=t_epochs[-1])
+        history.append(metrics)
+        left = (epochs - epoch - 1) * float(np.mean(t_epochs[-3:]))
+        shown = "  ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k.startswith(("loss", "val_")))
+        log(f"epoch {epoch + 1}/{epochs}  {shown}  {t_epochs[-1]:.1f}s{'  *best' if improved else ''}  "
+            f"~{_fmt_time(left)} left (at most)")
+        if writer is not None:
+            for k, v in metrics.items():
+                if k != "epoch":
+                    writer.add_scalar(k, v, epoch)
+            writer.flush()
+        if improved:
+            best_state = {k: v.detach().cpu().clone() for k, v in _unwrap(model).state_dict().items()}
+        stop = stopper.should_stop
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt_out = None
+            if rank == 0:
+                torch.save(_unwrap(model).state_dict(), Path(tmp) / MODEL_FILE)
+                torch.save(best_state, Path(tmp) / BEST_FILE)
+                torch.save({"epoch": epoch, "history": history, "optimizer": opt.state_dict(),
+                            "early_stopping": stopper.state(), "stopped_early": stop}, Path(tmp) / STATE_FILE)
+                ckpt_out = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(metrics, checkpoint=ckpt_out)
+        epoch += 1
+        if stop:
+            log(f"early stopping: no lower validation loss for {stopper.patience} epochs "
+                f"(best epoch {stopper.best_epoch + 1})")
+            break
+    if writer is not None:
+        writer.close()
+
+
+def latest_checkpoint(storage: Path) -> Path | None:
+    """The newest checkpoint folder (holding ``state.pt``) under a Ray Train storage folder."""
+    found = [p.parent for p in Path(storage).rglob(STATE_FILE)]
+    if not found:
+        return None
+    return max(found, key=lambda p: _read_epoch(p))
+
+
+def _read_epoch(ckpt_dir: Path) -> int:
+    import torch
+
+    try:
+        return int(torch.load(ckpt_dir / STATE_FILE, map_location="cpu", weights_only=False)["epoch"])
+    except Exception:
+        return -1
+
+
+def fit(cfg, plan: Plan, inv, run_dir: Path, resources, augment_params, resume: bool = False, log=print) -> Path:
+    """Train on the cluster; returns the path of the best model's state dict in ``run_dir``."""
+    import ray.train
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    import torch
+
+    from .dataset import grid_rows, ray_dataset, training_rows
+
+    storage = Path(cfg.ray.storage_path).expanduser() if cfg.ray.storage_path else run_dir / "checkpoints" / "ray"
+    storage = storage.resolve()
+    resume_ckpt, start_epoch = None, 0
+    if resume:
+        last = latest_checkpoint(storage)
+        if last is not None:
+            st = torch.load(last / STATE_FILE, map_location="cpu", weights_only=False)
+            if st.get("stopped_early"):
+                log(f"training had already stopped early at epoch {st['epoch'] + 1}; using its best model")
+                return _export_best(last, run_dir, st["history"])
+            start_epoch = st["epoch"] + 1
+            resume_ckpt = ray.train.Checkpoint.from_directory(str(last))
+            log(f"resuming training from epoch {start_epoch + 1} ({last})")
+    by_name = {str(s.image): s for s in inv.samples["train"]}
+    train_samples = [by_name[n] for n in plan.train_names]
+    val_samples = [by_name[n] for n in plan.val_names]
+    epochs = cfg.iterations_over_dataset
+    if start_epoch >= epochs:
+        return _export_best(latest_checkpoint(storage), run_dir, [])
+    rows = training_rows(train_samples, inv.image_shapes, plan, cfg.seed, range(start_epoch, epochs), cfg.tiles_per_image)
+    rows_per_epoch = len(rows) // max(1, epochs - start_epoch)
+    datasets = {"train": ray_dataset(rows, plan, augment_params)}
+    if val_samples:
+        datasets["val"] = ray_dataset(grid_rows(val_samples, inv.image_shapes, plan, 0.0), plan)
+    log(f"training {plan.model} on {len(train_samples)} images ({rows_per_epoch} tiles/epoch of {plan.tile_shape}), "
+        f"validating on {len(val_samples)}; {resources.num_workers} worker(s) x {resources.cpus_per_worker:g} CPU"
+        f"{' + GPU' if resources.use_gpu else ''}, batch size {cfg.batchsize} per worker")
+    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    loop_config = {
+        "plan": plan.to_dict(),
+        "seed": cfg.seed,
+        "lr": cfg.learning_rate,
+        "batch_size": cfg.batchsize,
+        "epochs": epochs,
+        "patience": cfg.early_stopping_patience,
+        "rows_per_epoch": rows_per_epoch,
+        "has_val": bool(val_samples),
+        "torch_threads": resources.torch_threads,
+        "pretrained_weights": None if resume_ckpt or not cfg.pretrained_weights else str(cfg.pretrained_weights),
+        "log_file": str(run_dir / "logs" / "train.log"),
+        "tensorboard_dir": str(run_dir / "logs" / "tensorboard"),
+    }
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(
+            num_workers=resources.num_workers,
+            use_gpu=resources.use_gpu,
+            resources_per_worker={"CPU": resources.cpus_per_worker, **({"GPU": 1} if resources.use_gpu else {})},
+        ),
+        run_config=RunConfig(
+            name="train",
+            storage_path=str(storage),
+            failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+        datasets=datasets,
+        resume_from_checkpoint=resume_ckpt,
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError("training finished without a checkpoint; see the log above")
+    with result.checkpoint.as_directory() as d:
+        st = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
+        return _export_best(Path(d), run_dir, st["history"])
+
+
+def _export_best(ckpt_dir: Path, run_dir: Path, history: list[dict]) -> Path:
+    """Copy the best weights to ``run_dir/checkpoints/best/model.pt`` and the history to logs/."""
+    best_dir = run_dir / "checkpoints" / "best"
+    best_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copy(ckpt_dir / BEST_FILE, best_dir / ".model.pt.tmp")
+    os.replace(best_dir / ".model.pt.tmp", best_dir / MODEL_FILE)
+    if history:
+        import pandas as pd
+
+        pd.DataFrame(history).to_csv(run_dir / "logs" / "history.csv", index=False)
+        (run_dir / "logs" / "history.json").write_text(json.dumps(history, indent=1))
+    return best_dir / MODEL_FILE

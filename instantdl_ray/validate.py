@@ -1,0 +1,228 @@
+"""Check a config against its data before any cluster starts; report every problem at once.
+
+``python -m instantdl_ray validate CONFIG`` runs exactly this and exits 2 on problems.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import read
+from .config import Config
+from .errors import DataError
+
+
+@dataclass
+class Inventory:
+    """What validation learned about the data set, for planning."""
+
+    samples: dict[str, list[read.Sample]] = field(default_factory=dict)
+    image_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # image path -> shape as stored
+    target_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    axes: str = ""
+    target_axes: str | None = None
+    spatial_dims: int = 2
+    label_values: set = field(default_factory=set)
+    class_names: dict[int, str] | None = None
+
+
+def _shape(path: Path) -> tuple[int, ...]:
+    arr = read.open_array(path)
+    return tuple(int(s) for s in arr.shape)
+
+
+def _check_finite(path: Path, problems: list[str]) -> None:
+    arr = read.open_array(path)
+    if np.issubdtype(np.dtype(arr.dtype), np.floating):
+        from .plan import _subsample
+
+        if not np.all(np.isfinite(_subsample(arr))):
+            problems.append(f"{path}: contains NaN or infinite values; replace them (e.g. with 0) before training")
+
+
+def _spatial(shape: tuple[int, ...], axes: str) -> tuple[int, ...]:
+    return tuple(s for s, a in zip(shape, axes) if a in "ZYX")
+
+
+def check_config_choices(cfg: Config) -> list[str]:
+    """Problems in config values that only make sense per task (loss, model, weights)."""
+    from .losses import ALLOWED_LOSSES
+    from .tasks import get_task
+
+    problems = []
+    task = get_task(cfg.task)
+    if cfg.loss_function is not None and cfg.task != "instance":
+        allowed = ALLOWED_LOSSES[cfg.task]
+        from .registry import did_you_mean
+
+        if cfg.loss_function.lower() not in allowed:
+            problems.append(
+                f"loss_function: '{cfg.loss_function}' does not fit {cfg.use_algorithm}; choose one of "
+                f"{list(allowed)}." + did_you_mean(cfg.loss_function, allowed)
+            )
+    if cfg.model is not None:
+        from .models import MODELS
+
+        if cfg.model not in MODELS or MODELS.canonical(cfg.model) not in task.models:
+            problems.append(f"model: '{cfg.model}' is not available for {cfg.use_algorithm}; choose one of {list(task.models)}")
+    w = cfg.pretrained_weights
+    if isinstance(w, str) and w.lower() not in ("imagenet", "coco"):
+        p = Path(w).expanduser()
+        if p.suffix.lower() in (".h5", ".hdf5"):
+            problems.append(
+                f"pretrained_weights: '{w}' is a Keras file from the original InstantDL; its weights cannot be "
+                "carried over to these PyTorch models. Set pretrained_weights: false to train from scratch, or name "
+                "a run directory / PyTorch .pt file of instantdl_ray"
+            )
+        elif not p.exists():
+            problems.append(f"pretrained_weights: '{w}' not found; give a run directory, a checkpoint folder or a .pt file")
+    if w is True:
+        problems.append("pretrained_weights: true is not a source; use false, 'imagenet', 'coco' or a path")
+    if cfg.iterations_over_dataset == 0 and not w:
+        problems.append(
+            "iterations_over_dataset: 0 means 'predict only' and needs pretrained_weights (a trained run); "
+            "set iterations_over_dataset to e.g. 50 to train"
+        )
+    return problems
+
+
+def validate(cfg: Config) -> Inventory:
+    """Validate ``cfg`` and its data folder. Raises ``DataError`` with every problem found."""
+    from .tasks import get_task
+
+    problems: list[str] = []
+    try:
+        problems += check_config_choices(cfg)
+    except Exception as e:  # a bad model name etc. must still be reported with the rest
+        problems.append(str(e))
+    root = Path(cfg.path)
+    inv = Inventory()
+    if not root.is_dir():
+        raise DataError(problems + [f"path: '{cfg.path}' is not a folder; expected {cfg.path}/train/image/ etc."])
+    task = get_task(cfg.task)
+    need_train = cfg.iterations_over_dataset > 0
+    for split in read.SPLITS:
+        samples, probs = read.discover(root, split, cfg.task)
+        if split == "test" or need_train:
+            problems += probs
+        elif probs and samples:
+            problems += [p for p in probs if "groundtruth" not in p]
+        if not samples and (split == "test" or need_train):
+            if not any(str(root / split) in p for p in probs):
+                problems.append(f"{root / split}: no samples found")
+        inv.samples[split] = samples
+
+    # every image reads; shapes agree with their partners
+    for split, samples in inv.samples.items():
+        for s in samples:
+            try:
+                inv.image_shapes[str(s.image)] = _shape(s.image)
+                _check_finite(s.image, problems)
+            except Exception as e:
+                problems.append(f"{s.image}: cannot be read as an image ({type(e).__name__}: {e}); replace or remove it")
+                continue
+            gt = s.groundtruth
+            if gt is None or isinstance(gt, int):
+                continue
+            paths = gt if isinstance(gt, list) else [gt]
+            try:
+                shapes = {p: _shape(p) for p in paths}
+            except Exception as e:
+                problems.append(f"{paths[0]}: cannot be read as groundtruth ({type(e).__name__}: {e})")
+                continue
+            if isinstance(gt, list):
+                bad = [p for p, sh in shapes.items() if sh[:2] != inv.image_shapes[str(s.image)][:2]]
+                for p in bad:
+                    problems.append(f"{p}: mask shape {shapes[p]} differs from image {s.image} {inv.image_shapes[str(s.image)]}")
+                inv.target_shapes[str(s.image)] = inv.image_shapes[str(s.image)][:2]
+            else:
+                inv.target_shapes[str(s.image)] = shapes[gt]
+                _check_finite(gt, problems)
+
+    all_samples = [s for ss in inv.samples.values() for s in ss if str(s.image) in inv.image_shapes]
+    if not all_samples:
+        raise DataError(problems or [f"{root}: no readable images"])
+    first = all_samples[0]
+    try:
+        inv.axes = cfg.axes or read.infer_axes(
+            inv.image_shapes[str(first.image)], inv.target_shapes.get(str(first.image)), cfg.dimensions
+        )
+    except ValueError as e:
+        problems.append(f"{first.image}: {e}")
+        raise DataError(problems)
+    inv.spatial_dims = sum(a in "ZYX" for a in inv.axes)
+    if cfg.dimensions and inv.spatial_dims != cfg.dimensions:
+        problems.append(
+            f"dimensions: {cfg.dimensions} but images like {first.image} have axes '{inv.axes}'; set 'axes' explicitly"
+        )
+    if len(inv.axes) != len(inv.image_shapes[str(first.image)]):
+        problems.append(f"axes: '{inv.axes}' has {len(inv.axes)} axes but {first.image} has shape {inv.image_shapes[str(first.image)]}")
+    n_channels = set()
+    for s in all_samples:
+        shp = inv.image_shapes[str(s.image)]
+        if len(shp) != len(inv.axes):
+            problems.append(f"{s.image}: shape {shp} does not fit axes '{inv.axes}' of the other images ({first.image})")
+            continue
+        n_channels.add(shp[inv.axes.index("C")] if "C" in inv.axes else 1)
+        tshape = inv.target_shapes.get(str(s.image))
+        if tshape is None or task.name == "classification":
+            continue
+        sp = _spatial(shp, inv.axes)
+        if tuple(tshape[-len(sp):]) != sp:
+            problems.append(
+                f"{s.groundtruth}: groundtruth shape {tshape} does not match image {s.image.name} spatial shape {sp}; "
+                "image and groundtruth must cover the same pixels"
+            )
+    if len(n_channels) > 1:
+        problems.append(f"images have different channel counts {sorted(n_channels)}; all images need the same channels")
+
+    # label values
+    if task.name in ("semantic", "classification"):
+        problems += _check_labels(cfg, inv)
+    inv.class_names = read.read_class_names(root)
+    if problems:
+        raise DataError(problems)
+    return inv
+
+
+def _check_labels(cfg: Config, inv: Inventory) -> list[str]:
+    problems = []
+    if cfg.task == "classification":
+        labels = {s.groundtruth for ss in inv.samples.values() for s in ss if isinstance(s.groundtruth, int)}
+        inv.label_values = labels
+        if cfg.num_classes is not None and labels and (max(labels) >= cfg.num_classes or min(labels) < 0):
+            bad = sorted(v for v in labels if v >= cfg.num_classes or v < 0)
+            problems.append(
+                f"num_classes: {cfg.num_classes} but groundtruth.csv has class(es) {bad}; classes must be "
+                f"0..{cfg.num_classes - 1} (or remove num_classes to infer it)"
+            )
+        return problems
+    values: set = set()
+    for ss in inv.samples.values():
+        for s in ss:
+            if not isinstance(s.groundtruth, Path) or str(s.image) not in inv.target_shapes:
+                continue
+            arr = np.asarray(read.open_array(s.groundtruth)[...]) if np.prod(inv.target_shapes[str(s.image)]) < 5e7 else None
+            if arr is None:
+                continue
+            u = np.unique(arr)
+            if len(u) > 256 or not np.allclose(u, np.round(u)):
+                problems.append(
+                    f"{s.groundtruth}: {len(u)} distinct values, not class labels; semantic groundtruth must hold "
+                    "integer classes (0/1 or 0/255 for binary masks)"
+                )
+                continue
+            values |= set(int(v) for v in u)
+    inv.label_values = values
+    n = cfg.num_classes or 1
+    if n == 1 and len(values) > 2:
+        problems.append(
+            f"num_classes: 1 (binary, the default) but the masks hold {len(values)} values {sorted(values)[:10]}; "
+            f"set num_classes: {max(values) + 1} for multi-class segmentation"
+        )
+    if n > 1 and values and max(values) >= n:
+        problems.append(f"num_classes: {n} but masks contain class {max(values)}; set num_classes: {max(values) + 1}")
+    return problems
