@@ -95,10 +95,15 @@ class ReadTiles:
     def read_image(self, image: str, origin: Sequence[int]) -> np.ndarray:
         p = self.plan
         arr = _open(image)
+        axes = read.image_axes(arr.shape, p.axes)
         if not self.task.pixelwise:
-            chw = read.to_channel_first(np.asarray(arr[...]), p.axes)
-            return resize(self._normalize(chw, image), p.image_size)
-        return self._normalize(read_window(arr, p.axes, origin, p.tile_shape), image)
+            chw = read.to_channel_first(np.asarray(arr[...]), axes)
+        else:
+            chw = read_window(arr, axes, origin, p.tile_shape)
+        chw = self._normalize(chw, image)
+        if chw.shape[0] == 1 and p.in_channels > 1:  # a grey image among colour ones
+            chw = np.repeat(chw, p.in_channels, axis=0)
+        return resize(chw, p.image_size) if not self.task.pixelwise else chw
 
     def read_target(self, target: str, origin: Sequence[int]) -> np.ndarray:
         p = self.plan

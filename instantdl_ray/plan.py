@@ -76,8 +76,9 @@ def _subsample(arr: Any, axes: str | None = None, max_pixels: int = STAT_PIXELS)
 
 def image_percentiles(path: Path, axes: str) -> list[list[float]]:
     """Per-channel (lo, hi) intensity percentiles of one image, from a bounded subsample."""
-    arr = _subsample(read.open_array(path), axes)
-    chw = read.to_channel_first(arr, axes)
+    arr = read.open_array(path)
+    axes = read.image_axes(arr.shape, axes)
+    chw = read.to_channel_first(_subsample(arr, axes), axes)
     flat = chw.reshape(chw.shape[0], -1)
     lo, hi = np.percentile(flat, NORM_PERCENTILES, axis=1)
     return [[float(a), float(b)] for a, b in zip(lo, hi)]

@@ -24,6 +24,8 @@ import numpy as np
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".npy", ".zarr")
 SPLITS = ("train", "test")
 CSV_NAME = "groundtruth.csv"
+# A classification CSV with this many times more rows than images is a master list: extra rows are ignored.
+MASTER_LIST_FACTOR = 2
 
 
 def is_image(path: Path) -> bool:
@@ -114,6 +116,13 @@ def infer_axes(image_shape: Sequence[int], target_shape: Sequence[int] | None, s
             return "ZYXC"
         return "CZYX"
     raise ValueError(f"cannot infer axes for an image of shape {shape}; set 'axes' in the config (e.g. 'CZYX')")
+
+
+def image_axes(shape: Sequence[int], axes: str) -> str:
+    """``axes`` for one image: a grey image among colour ones (one axis fewer) lacks ``C``."""
+    if len(shape) == len(axes) - 1 and "C" in axes:
+        return axes.replace("C", "")
+    return axes
 
 
 def to_channel_first(array: np.ndarray, axes: str) -> np.ndarray:
@@ -257,9 +266,13 @@ def discover(root: str | Path, split: str, task: str) -> tuple[list[Sample], lis
         for p in images:
             if p.name not in labels:
                 problems.append(f"{p}: no row in {csv_path}; add '{p.name},<class>'")
-        for fname in labels:
-            if fname not in names:
-                problems.append(f"{csv_path}: row '{fname}' names a file missing from {image_dir}")
+        extra = [f for f in labels if f not in names]
+        if extra and len(labels) <= MASTER_LIST_FACTOR * len(images):
+            for fname in extra:
+                problems.append(f"{csv_path}: row '{fname}' names a file missing from {image_dir}; "
+                                "add the image or delete the row")
+        # else: the CSV is a master list for a larger collection (InstantDL's own example ships
+        # a 10,000-row CSV with 40 images); rows without files are ignored, images without rows are not
         return [Sample(_stem(p), p, labels.get(p.name)) for p in images], problems
 
     if not gt_dir.is_dir():

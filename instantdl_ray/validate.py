@@ -163,6 +163,9 @@ def validate(cfg: Config) -> Inventory:
     n_channels = set()
     for s in all_samples:
         shp = inv.image_shapes[str(s.image)]
+        if len(shp) == len(inv.axes) - 1 and inv.axes.endswith("C"):
+            n_channels.add(1)  # a grey image among colour ones: promoted to colour when read
+            continue
         if len(shp) != len(inv.axes):
             problems.append(f"{s.image}: shape {shp} does not fit axes '{inv.axes}' of the other images ({first.image})")
             continue
@@ -176,7 +179,7 @@ def validate(cfg: Config) -> Inventory:
                 f"{s.groundtruth}: groundtruth shape {tshape} does not match image {s.image.name} spatial shape {sp}; "
                 "image and groundtruth must cover the same pixels"
             )
-    if len(n_channels) > 1:
+    if len(n_channels - {1}) > 1 or (len(n_channels) > 1 and not inv.axes.endswith("C")):
         problems.append(f"images have different channel counts {sorted(n_channels)}; all images need the same channels")
 
     # label values

@@ -79,3 +79,56 @@ def semantic_set(tmp_path) -> Path:
 @pytest.fixture
 def blobs():
     return _blobs
+
+
+def make_instance_set(root: Path, n_train=6, n_test=2, shape=(64, 64), seed=0) -> Path:
+    """Label-image layout: PNG images, uint16 label TIFFs (0 = background)."""
+    import tifffile
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", n_train), ("test", n_test)):
+        for sub in ("image", "groundtruth"):
+            (root / split / sub).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            img, lab = _blobs(rng, shape)
+            Image.fromarray(img).save(root / split / "image" / f"img{i:02d}.png")
+            tifffile.imwrite(root / split / "groundtruth" / f"img{i:02d}.tif", lab)
+    return root
+
+
+def make_regression_set(root: Path, n_train=6, n_test=2, shape=(64, 64), seed=0, channels=2) -> Path:
+    """Multi-channel float TIFF inputs -> a smooth uint16 target with an offset (like isl_dapi)."""
+    import tifffile
+    from scipy import ndimage as ndi
+
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", n_train), ("test", n_test)):
+        for sub in ("image", "groundtruth"):
+            (root / split / sub).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            img, lab = _blobs(rng, shape)
+            stack = np.stack([img.astype(np.float32) + rng.normal(0, 3, shape) for _ in range(channels)])
+            target = (1000 + 20 * ndi.gaussian_filter((lab > 0).astype(np.float32), 2)).astype(np.uint16)
+            tifffile.imwrite(root / split / "image" / f"t{i:02d}.tif", stack.astype(np.float32))
+            tifffile.imwrite(root / split / "groundtruth" / f"t{i:02d}.tif", target)
+    return root
+
+
+def make_classification_set(root: Path, n_train=12, n_test=4, shape=(32, 32), seed=0) -> Path:
+    """Two classes: one bright disc (0) vs two discs (1), RGB PNG, groundtruth.csv + classes.txt."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", n_train), ("test", n_test)):
+        (root / split / "image").mkdir(parents=True, exist_ok=True)
+        (root / split / "groundtruth").mkdir(parents=True, exist_ok=True)
+        rows = ["filename,groundtruth"]
+        for i in range(n):
+            c = i % 2
+            img, _ = _blobs(rng, shape, n=1 + c, r=4)
+            Image.fromarray(np.stack([img] * 3, -1)).save(root / split / "image" / f"c{i:02d}.png")
+            rows.append(f"c{i:02d}.png,{c}")
+        (root / split / "groundtruth" / "groundtruth.csv").write_text("\n".join(rows) + "\n")
+    (root / "classes.txt").write_text("0\tsingle\n1\tpair\n")
+    return root
