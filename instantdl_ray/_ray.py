@@ -38,7 +38,7 @@ def init(address: str | None = None, num_cpus: int | None = None) -> None:
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
-    kwargs = dict(logging_level=logging.WARNING, log_to_driver=True, include_dashboard=False)
+    kwargs = dict(logging_level=logging.WARNING, log_to_driver=True)
     if address:
         ray.init(address=address, **kwargs)
     else:

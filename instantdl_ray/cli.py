@@ -24,6 +24,25 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("config")
     v.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
 
+    pr = sub.add_parser("predict", help="predict new images with a trained run")
+    pr.add_argument("run_dir")
+    pr.add_argument("--input", required=True, help="a folder of images, one image, or a zarr")
+    pr.add_argument("--out", help="output folder (default: RUN_DIR/predict/<timestamp>)")
+    pr.add_argument("--address", help="join a Ray cluster at HOST:PORT")
+    pr.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="e.g. --set calculate_uncertainty=false")
+
+    c = sub.add_parser("convert", help="images -> chunked zarr, or binary masks -> instance label images")
+    c.add_argument("src", help="an image, a folder of images, or an InstantDL data folder")
+    c.add_argument("dst", help="DST.zarr (one image) or a folder")
+    c.add_argument("--instances-from-binary", action="store_true",
+                   help="turn a semantic data set (binary masks) into instance label images")
+    c.add_argument("--watershed", action="store_true", help="split touching objects (with --instances-from-binary)")
+    c.add_argument("--min-distance", type=int, default=5, help="watershed seed distance in pixels")
+    c.add_argument("--min-size", type=int, default=8, help="drop objects smaller than this (pixels)")
+    c.add_argument("--chunks", type=int, default=512, help="zarr chunk edge along Y and X")
+    c.add_argument("--axes", help="axis order of the images, e.g. YXC or CZYX (default: inferred)")
+
     e = sub.add_parser("evaluate", help="re-run evaluation and report of a finished run")
     e.add_argument("run_dir")
     return p
@@ -34,11 +53,13 @@ def main(argv: list[str] | None = None) -> int:
     from .errors import InstantDLError
 
     try:
-        return {"run": _run, "validate": _validate, "evaluate": _evaluate}[args.command](args)
+        return {"run": _run, "validate": _validate, "evaluate": _evaluate, "predict": _predict, "convert": _convert}[args.command](args)
     except InstantDLError as e:
         print(e.format(), file=sys.stderr)
         return 2
-    except FileExistsError as e:
+    except (FileExistsError, ValueError) as e:
+        if not isinstance(e, FileExistsError) and args.command != "convert":
+            raise
         print(f"error: {e}", file=sys.stderr)
         return 2
 
@@ -89,4 +110,25 @@ def _evaluate(args) -> int:
     records = json.loads((run_dir / "predictions" / "index.json").read_text())
     summary = evaluate_run(run_dir, cfg, plan, records, RunLog(run_dir / "logs" / "run.log"))
     print(json.dumps(summary, indent=1))
+    return 0
+
+
+def _predict(args) -> int:
+    from .pipeline import predict_new
+
+    predict_new(args.run_dir, args.input, out=args.out, overrides=args.overrides, address=args.address)
+    return 0
+
+
+def _convert(args) -> int:
+    from . import convert
+
+    if args.instances_from_binary:
+        counts = convert.instances_from_binary(Path(args.src), Path(args.dst), watershed=args.watershed,
+                                               min_distance=args.min_distance, min_size=args.min_size)
+        for split, c in counts.items():
+            print(f"{split}: {c['images']} images, {c['objects']} objects")
+    else:
+        written = convert.to_zarr(Path(args.src), Path(args.dst), chunks=args.chunks, axes=args.axes)
+        print(f"wrote {len(written)} zarr array(s) under {args.dst}")
     return 0

@@ -232,6 +232,20 @@ def _unknown_keys(data: dict, model: type[BaseModel], prefix: str = "") -> list[
     return problems
 
 
+def _key_path(loc: tuple) -> str:
+    """pydantic's error location -> the user's key path (drops Union-member and validator tags)."""
+    parts: list[str] = []
+    model: Any = Config
+    for x in loc:
+        if isinstance(x, int):
+            parts.append(str(x))
+        elif model is not None and x in model.model_fields:
+            parts.append(x)
+            ann = model.model_fields[x].annotation
+            model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+    return ".".join(parts) or "config"
+
+
 def from_dict(data: dict, base_dir: str | Path | None = None) -> Config:
     """Validate a raw dict into a ``Config``; raises ``ConfigError`` listing every problem."""
     problems = _unknown_keys(data, Config)
@@ -244,17 +258,24 @@ def from_dict(data: dict, base_dir: str | Path | None = None) -> Config:
             model = Config.model_fields[sub].annotation
             clean[sub] = {k: v for k, v in clean[sub].items() if k in model.model_fields}
     cfg = None
-    if "use_algorithm" in clean and "path" in clean:
-        try:
-            cfg = Config(**clean)
-        except ValidationError as e:
-            for err in e.errors():
-                loc = ".".join(str(x) for x in err["loc"] if not str(x).startswith(("function-", "literal[")))
-                # pydantic reports one error per Union member; keep one line per key
-                msg = err["msg"].removeprefix("Value error, ")
-                line = f"{loc}: {msg} (got {err.get('input')!r})"
-                if not any(p.startswith(f"{loc}:") for p in problems):
-                    problems.append(line)
+    complete = "use_algorithm" in clean and "path" in clean
+    try:
+        # a missing required key is already reported; placeholders let every other key be checked too
+        cfg = Config(**{"use_algorithm": "semantic", "path": ".", **clean})
+    except ValidationError as e:
+        # pydantic reports one error per Union member (loc ends in 'bool', 'str', ...): one line per key
+        by_key: dict[str, tuple[list[str], Any]] = {}
+        for err in e.errors():
+            key = _key_path(err["loc"])
+            msgs, _ = by_key.setdefault(key, ([], err.get("input")))
+            msg = err["msg"].removeprefix("Value error, ")
+            if msg not in msgs:
+                msgs.append(msg)
+        for key, (msgs, value) in by_key.items():
+            if not any(p.startswith(f"{key}:") for p in problems):
+                problems.append(f"{key}: {'; or '.join(msgs)} (got {value!r})")
+    if not complete:
+        cfg = None
     if problems:
         raise ConfigError(problems)
     assert cfg is not None

@@ -55,6 +55,8 @@ MIN_CHUNK = 16  # a trailing block is merged into its neighbour below this (SSIM
 MAX_FIGURES = 20
 VIEW_EDGE = 512  # figure views are strided down to about this many pixels per side
 NOT_BOOTSTRAPPED = ("n_gt", "n_pred")
+STACK_TILE_FROM = 4096 * 4096  # planes above this many pixels go into the stack as tiles
+STACK_TILE = 1024
 
 
 # ---------------------------------------------------------------- public entry
@@ -784,8 +786,10 @@ def _write_json(path: Path, obj: Any) -> None:
 def write_prediction_stack(path: Path, predictions: Sequence[str | Path]) -> Path:
     """All predictions as one ``(N, [C|Z,] Y, X)`` TIFF, zero-padded to a common shape (Fiji / napari).
 
-    Written page by page (one ``(Y, X)`` plane in memory at a time), so whole-slide predictions fit;
-    ``read.write_tiff`` takes a whole array, hence tifffile directly with the same temp-file + rename.
+    Written plane by plane; planes over ``STACK_TILE_FROM`` pixels are written as 1024^2 tiles from
+    1024-row bands, so a whole-slide prediction never sits in memory at once (tiled TIFFs open in
+    napari and in Fiji through Bio-Formats). ``read.write_tiff`` takes a whole array, hence tifffile
+    directly, with the same temp-file + rename.
     """
     import tifffile
 
@@ -795,44 +799,58 @@ def write_prediction_stack(path: Path, predictions: Sequence[str | Path]) -> Pat
         a = open_lazy(p)
         keep = _kept_axes(a.shape) or [a.ndim - 1]
         arrays.append((a, keep, tuple(a.shape[i] for i in keep)))
-    nd = max(len(s) for _, _, s in arrays)
-    nd = max(nd, 2)
+    nd = max(2, max(len(s) for _, _, s in arrays))
     shapes = [(1,) * (nd - len(s)) + s for _, _, s in arrays]
     common = tuple(max(s[i] for s in shapes) for i in range(nd))
     dtype = np.result_type(*[a.dtype for a, _, _ in arrays])
+    ny, nx = common[-2:]
+    tiled = ny * nx > STACK_TILE_FROM
+    tile = STACK_TILE
 
-    def pages():
+    def rows(a: Any, keep: list[int], s: tuple, full: tuple, lead: tuple, y0: int, y1: int) -> np.ndarray | None:
+        """Rows ``y0:y1`` of one plane of a file, or None where the plane is padding."""
+        if not all(i < n for i, n in zip(lead, full[:-2])) or y0 >= full[-2]:
+            return None
+        idx: list[Any] = [0] * a.ndim
+        # map the padded leading index back onto the file's own (squeezed) axes
+        own = lead[len(lead) - (len(s) - 2):] if len(s) > 2 else ()
+        for ax, i in zip(keep[:-2], own):
+            idx[ax] = i
+        if len(keep) >= 2:
+            idx[keep[-2]] = slice(y0, min(y1, full[-2]))
+        idx[keep[-1]] = slice(None)
+        return np.asarray(a[tuple(idx)]).reshape(-1, full[-1])
+
+    def chunks():
         for (a, keep, s), full in zip(arrays, shapes):
-            lead_dims = full[:-2]
             for lead in np.ndindex(*common[:-2]):
-                page = np.zeros(common[-2:], dtype=dtype)
-                if all(i < n for i, n in zip(lead, lead_dims)):
-                    idx: list[Any] = [0] * a.ndim
-                    # map the padded leading index back onto the file's own (squeezed) axes
-                    own = lead[len(lead) - (len(s) - 2):] if len(s) > 2 else ()
-                    for ax, i in zip(keep[:-2], own):
-                        idx[ax] = i
-                    for ax in keep[-2:]:
-                        idx[ax] = slice(None)
-                    plane = np.asarray(a[tuple(idx)]).reshape(full[-2:])
-                    page[: plane.shape[0], : plane.shape[1]] = plane
-                yield page
+                for y0 in range(0, ny, tile if tiled else ny):
+                    y1 = min(y0 + (tile if tiled else ny), ny)
+                    band = np.zeros((y1 - y0, nx), dtype=dtype)
+                    got = rows(a, keep, s, full, lead, y0, y1)
+                    if got is not None:
+                        band[: got.shape[0], : got.shape[1]] = got
+                    if not tiled:
+                        yield band
+                        continue
+                    for x0 in range(0, nx, tile):
+                        yield band[:, x0 : x0 + tile]
 
     shape = (len(arrays),) + common
     nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
-    axes = "Q" * (len(shape) - 2) + "YX"
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".tif", dir=path.parent, prefix=".tmp-")
     os.close(fd)
     try:
         tifffile.imwrite(
             tmp,
-            data=pages(),
+            data=chunks(),
             shape=shape,
             dtype=dtype,
             photometric="minisblack",
             bigtiff=nbytes > 2**31,
-            metadata={"axes": axes},
+            tile=(tile, tile) if tiled else None,
+            metadata={"axes": "Q" * (len(shape) - 2) + "YX"},
         )
         os.replace(tmp, path)
     finally:

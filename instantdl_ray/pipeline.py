@@ -178,3 +178,54 @@ def evaluate_run(run_dir: Path, cfg: Config, plan: Plan, records: list[dict], lo
     results = evaluate(run_dir, plan.task, items, num_classes=num_classes, class_names=names)
     log(f"evaluation: {run_dir / 'evaluation'}")
     return results.get("summary", {})
+
+
+def predict_new(run_dir: str | Path, inputs: str | Path, out: str | Path | None = None,
+                overrides: list[str] | None = None, address: str | None = None) -> Path:
+    """Predict new images (a folder, one image, or a zarr) with a trained run; returns the output folder."""
+    from . import _ray, read
+    from .errors import DataError
+    from .plan import image_percentiles
+    from .predict import predict
+
+    run_dir = Path(run_dir).resolve()
+    cfg = config_mod.load(run_dir / "config.yaml", overrides or [])
+    plan = Plan.from_json(run_dir / "plan.json")
+    model_path = run_dir / "checkpoints" / "best" / "model.pt"
+    inputs = Path(inputs)
+    problems = []
+    if not model_path.exists():
+        problems.append(f"{model_path}: missing; {run_dir} holds no trained model (did its training finish?)")
+    if inputs.is_dir() and inputs.suffix.lower() != ".zarr":
+        folder = inputs / "test" / "image" if (inputs / "test" / "image").is_dir() else inputs
+        files = sorted(p for p in folder.iterdir() if read.is_image(p))
+    else:
+        files = [inputs] if inputs.exists() else []
+    if not files:
+        problems.append(f"--input {inputs}: no images found (supported: {', '.join(read.IMAGE_SUFFIXES)})")
+    samples, shapes = [], {}
+    for f in files:
+        try:
+            shape = tuple(int(s) for s in read.open_array(f).shape)
+        except Exception as e:
+            problems.append(f"{f}: cannot be read ({type(e).__name__}: {e})")
+            continue
+        if len(shape) not in (len(plan.axes), len(plan.axes) - 1):
+            problems.append(f"{f}: shape {shape} does not fit the trained model's axes '{plan.axes}'")
+            continue
+        shapes[str(f)] = shape
+        samples.append(read.Sample(read._stem(f), f, None))
+    if problems:
+        raise DataError(problems)
+    out_dir = Path(out) if out else run_dir / "predict" / _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log = RunLog(out_dir / "predict.log")
+    for s in samples:
+        plan.image_norm.setdefault(str(s.image), image_percentiles(s.image, plan.axes))
+    _ray.init(address or cfg.ray.address)
+    cpus, gpus = _ray.cluster_resources()
+    resources = _ray.plan_resources(cfg.ray, cpus, gpus)
+    records = predict(cfg, plan, samples, shapes, model_path, out_dir, resources, log=log)
+    (out_dir / "predictions" / "index.json").write_text(json.dumps(records, indent=1, default=str))
+    log(f"done. Predictions in {out_dir}")
+    return out_dir

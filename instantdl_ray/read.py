@@ -103,6 +103,8 @@ def infer_axes(image_shape: Sequence[int], target_shape: Sequence[int] | None, s
         return "YX"
     if len(shape) == 3:
         if tshape is not None and len(tshape) == 3 and tshape == shape:
+            if spatial_dims != 3 and shape[-1] <= 4 and shape[0] > 4:
+                return "YXC"  # RGB image -> RGB target (e.g. virtual staining), not a 3-slice volume
             return "ZYX" if spatial_dims != 2 else "CYX"
         if tshape is not None and tuple(tshape[-2:]) == shape[1:] and len(tshape) == 2:
             return "CYX"
@@ -168,6 +170,14 @@ def _stem(path: Path) -> str:
     return path.stem
 
 
+def _number(text: str) -> float | None:
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if np.isfinite(value) else None
+
+
 def read_label_csv(path: Path) -> dict[str, int]:
     """``filename,groundtruth`` rows -> {filename: class}. Raises ValueError naming bad rows."""
     out: dict[str, int] = {}
@@ -177,17 +187,18 @@ def read_label_csv(path: Path) -> dict[str, int]:
         rows = list(reader)
     if not rows:
         raise ValueError(f"{path}: empty file; expected a header 'filename,groundtruth' and one row per image")
-    start = 1 if rows[0] and not rows[0][-1].strip().lstrip("-").isdigit() else 0
+    start = 1 if rows[0] and _number(rows[0][-1]) is None else 0  # a header row has no numeric label
     for i, row in enumerate(rows[start:], start=start + 1):
         if not row or all(not c.strip() for c in row):
             continue
         if len(row) < 2:
             bad.append(f"line {i}: {row!r} has no label column")
             continue
-        try:
-            out[row[0].strip()] = int(float(row[1]))
-        except ValueError:
+        value = _number(row[1])
+        if value is None or not value.is_integer():  # '1.0' is class 1; '1.5' is no class
             bad.append(f"line {i}: label {row[1]!r} is not an integer class")
+            continue
+        out[row[0].strip()] = int(value)
     if bad:
         raise ValueError(f"{path}: " + "; ".join(bad))
     return out

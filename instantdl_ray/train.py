@@ -303,6 +303,7 @@ def fit(cfg, plan: Plan, inv, run_dir: Path, resources, augment_params, resume: 
             storage_path=str(storage),
             failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # our own epoch lines are enough
         ),
         datasets=datasets,
         resume_from_checkpoint=resume_ckpt,

@@ -174,7 +174,13 @@ def validate(cfg: Config) -> Inventory:
         if tshape is None or task.name == "classification":
             continue
         sp = _spatial(shp, inv.axes)
-        if tuple(tshape[-len(sp):]) != sp:
+        try:  # the groundtruth's own channel axis (e.g. an RGB PNG mask: YXC), as the plan reads it
+            from .plan import _target_axes
+
+            tsp = _spatial(tshape, _target_axes(tshape, "".join(a for a in inv.axes if a in "ZYX")))
+        except ValueError:
+            tsp = tuple(tshape)
+        if tsp != sp:
             problems.append(
                 f"{s.groundtruth}: groundtruth shape {tshape} does not match image {s.image.name} spatial shape {sp}; "
                 "image and groundtruth must cover the same pixels"
