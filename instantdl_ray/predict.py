@@ -27,13 +27,10 @@ class Predictor:
         from .tasks import get_task
 
         torch.set_num_threads(max(1, int(torch_threads)))
-        try:
+        if isinstance(state_dict, list):  # [ObjectRef]: nested, so Ray hands the reference over untouched
             import ray
 
-            if isinstance(state_dict, ray.ObjectRef):
-                state_dict = ray.get(state_dict)
-        except ImportError:
-            pass
+            state_dict = ray.get(state_dict[0])
         self.plan = Plan.from_json(plan)
         self.task = get_task(self.plan.task)
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
@@ -83,7 +80,7 @@ def predict(cfg, plan: Plan, samples: list[read.Sample], shapes: dict, model_pat
     bs = max(1, cfg.batchsize if passes == 1 else max(1, 32 // passes))
     ds = ds.map_batches(
         Predictor,
-        fn_constructor_args=(plan.to_dict(), state_ref, passes, threads, resources.use_gpu),
+        fn_constructor_args=(plan.to_dict(), [state_ref], passes, threads, resources.use_gpu),
         batch_size=bs,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=n_actors),

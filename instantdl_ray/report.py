@@ -329,13 +329,14 @@ def _html(results: dict, per_image: Any, figures: list[tuple[str, Path]], out: P
     pim = results.get("per_image_mean", {})
     rows = []
     for k, v in summary.items():
-        if isinstance(v, (list, dict)):
+        if isinstance(v, (list, dict, str)):
             continue
         rows.append([k, v, pim.get(k)])
     for k, v in pim.items():
         if k not in summary:
             rows.append([k, None, v])
     parts += ["<h2>Summary</h2>", _table(["metric", "test set (pooled)", "mean over images"], rows)]
+    parts += [f"<p class='small'>{html.escape(k)}: {html.escape(v)}</p>" for k, v in summary.items() if isinstance(v, str)]
     if isinstance(summary.get("roc_auc_per_class"), dict):
         parts += ["<h3>ROC AUC per class</h3>", _table(["class", "AUC"], list(summary["roc_auc_per_class"].items()))]
     if isinstance(summary.get("confusion_matrix"), list):

@@ -101,7 +101,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     stopper = EarlyStopping(int(config["patience"]))
     start_epoch, history, opt_state = 0, [], None
-    ckpt = ray.train.get_checkpoint()
+    ckpt = ray.train.get_checkpoint()  # set after a worker failure (or by Ray's own run restoration)
+    if ckpt is None and config.get("resume_from"):
+        ckpt = ray.train.Checkpoint(config["resume_from"])  # --resume of an interrupted run
     if ckpt is not None:
         with ckpt.as_directory() as d:
             model.load_state_dict(torch.load(Path(d) / MODEL_FILE, map_location="cpu"))
@@ -250,7 +252,8 @@ def fit(cfg, plan: Plan, inv, run_dir: Path, resources, augment_params, resume: 
 
     storage = Path(cfg.ray.storage_path).expanduser() if cfg.ray.storage_path else run_dir / "checkpoints" / "ray"
     storage = storage.resolve()
-    resume_ckpt, start_epoch = None, 0
+    resume_ckpt: Path | None = None
+    start_epoch = 0
     if resume:
         last = latest_checkpoint(storage)
         if last is not None:
@@ -259,7 +262,7 @@ def fit(cfg, plan: Plan, inv, run_dir: Path, resources, augment_params, resume: 
                 log(f"training had already stopped early at epoch {st['epoch'] + 1}; using its best model")
                 return _export_best(last, run_dir, st["history"])
             start_epoch = st["epoch"] + 1
-            resume_ckpt = ray.train.Checkpoint.from_directory(str(last))
+            resume_ckpt = last
             log(f"resuming training from epoch {start_epoch + 1} ({last})")
     by_name = {str(s.image): s for s in inv.samples["train"]}
     train_samples = [by_name[n] for n in plan.train_names]
@@ -289,6 +292,7 @@ def fit(cfg, plan: Plan, inv, run_dir: Path, resources, augment_params, resume: 
         "pretrained_weights": None if resume_ckpt or not cfg.pretrained_weights else str(cfg.pretrained_weights),
         "log_file": str(run_dir / "logs" / "train.log"),
         "tensorboard_dir": str(run_dir / "logs" / "tensorboard"),
+        "resume_from": str(resume_ckpt) if resume_ckpt else None,
     }
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -306,7 +310,6 @@ def fit(cfg, plan: Plan, inv, run_dir: Path, resources, augment_params, resume: 
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # our own epoch lines are enough
         ),
         datasets=datasets,
-        resume_from_checkpoint=resume_ckpt,
     )
     result = trainer.fit()
     if result.checkpoint is None:

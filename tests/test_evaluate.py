@@ -342,3 +342,38 @@ def test_large_zarr_pair_is_evaluated_blockwise(tmp_path):
     assert c.blocks == 16  # one state per 1024^2 block, never the whole 16M-pixel image at once
     _close(res["summary"], expected)
     assert tifffile.imread(tmp_path / "run" / "evaluation" / "predictions_stack.tif").shape == (1, n, n)
+
+
+def test_prediction_stack_tiled_and_padded(tmp_path, monkeypatch):
+    monkeypatch.setattr(E, "STACK_TILE_FROM", 100)  # force the tiled path used for whole slides
+    monkeypatch.setattr(E, "STACK_TILE", 16)
+    a = np.arange(40 * 50, dtype=np.uint16).reshape(40, 50)
+    b = np.arange(3 * 20 * 33, dtype=np.uint16).reshape(1, 3, 20, 33)
+    tifffile.imwrite(tmp_path / "a.tif", a)
+    _zarr(tmp_path / "b.zarr", b, (1, 1, 8, 8))
+    E.write_prediction_stack(tmp_path / "s.tif", [tmp_path / "a.tif", tmp_path / "b.zarr"])
+    with tifffile.TiffFile(tmp_path / "s.tif") as t:
+        assert t.pages[0].is_tiled
+        s = t.asarray()
+    assert s.shape == (2, 3, 40, 50)
+    np.testing.assert_array_equal(s[0, 0], a)
+    assert not s[0, 1:].any()
+    np.testing.assert_array_equal(s[1, :, :20, :33], b[0])
+    assert not s[1, :, 20:].any() and not s[1, :, :, 33:].any()
+
+
+def test_all_shape_mismatches_reported_at_once(tmp_path):
+    for n, (ps, gs) in enumerate([((10, 12), (10, 11)), ((3, 8, 8), (8, 8))]):
+        tifffile.imwrite(tmp_path / f"p{n}.tif", np.zeros(ps, np.float32), photometric="minisblack")
+        tifffile.imwrite(tmp_path / f"g{n}.tif", np.zeros(gs, np.float32))
+    tifffile.imwrite(tmp_path / "u.tif", np.zeros((9, 9), np.float32))
+    items = [
+        {"name": "a", "prediction": tmp_path / "p0.tif", "groundtruth": tmp_path / "g0.tif"},
+        {"name": "b", "prediction": tmp_path / "p1.tif", "groundtruth": tmp_path / "g1.tif"},
+        {"name": "c", "prediction": tmp_path / "g1.tif", "groundtruth": tmp_path / "g1.tif", "uncertainty": tmp_path / "u.tif"},
+    ]
+    with pytest.raises(DataError) as e:
+        E.evaluate(tmp_path / "run", "regression", items)
+    assert len(e.value.problems) == 3
+    assert "p0.tif" in e.value.problems[0] and "g0.tif" in e.value.problems[0]
+    assert "u.tif" in e.value.problems[2]

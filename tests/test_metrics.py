@@ -322,6 +322,7 @@ def test_classification_binary_uses_prob_1():
     assert m["confusion_matrix"] == [[1, 1], [1, 2]]
 
 
+@pytest.mark.filterwarnings("ignore:y_pred contains classes not in y_true")
 def test_classification_absent_class():
     rng = np.random.default_rng(10)
     y = rng.integers(0, 2, 40)  # class 2 never occurs
