@@ -102,8 +102,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     stopper = EarlyStopping(int(config["patience"]))
     start_epoch, history, opt_state = 0, [], None
     ckpt = ray.train.get_checkpoint()  # set after a worker failure (or by Ray's own run restoration)
-    if ckpt is None and config.get("resume_from"):
-        ckpt = ray.train.Checkpoint(config["resume_from"])  # --resume of an interrupted run
+    if config.get("resume_from"):
+        # --resume of an interrupted run: the driver planned the data from this checkpoint's epoch;
+        # Ray's own restoration may offer an older one (registered before the last copy finished)
+        planned = ray.train.Checkpoint(config["resume_from"])
+        if ckpt is None or _ckpt_epoch(ckpt) < _ckpt_epoch(planned):
+            ckpt = planned
     if ckpt is not None:
         with ckpt.as_directory() as d:
             model.load_state_dict(torch.load(Path(d) / MODEL_FILE, map_location="cpu"))
@@ -223,9 +227,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         writer.close()
 
 
+def _ckpt_epoch(ckpt) -> int:
+    with ckpt.as_directory() as d:
+        return _read_epoch(Path(d))
+
+
 def latest_checkpoint(storage: Path) -> Path | None:
     """The newest checkpoint folder (holding ``state.pt``) under a Ray Train storage folder."""
-    found = [p.parent for p in Path(storage).rglob(STATE_FILE)]
+    # a kill during Ray's copy into storage can leave a checkpoint folder without all its files
+    found = [p.parent for p in Path(storage).rglob(STATE_FILE)
+             if (p.parent / MODEL_FILE).exists() and (p.parent / BEST_FILE).exists() and _read_epoch(p.parent) >= 0]
     if not found:
         return None
     return max(found, key=lambda p: _read_epoch(p))
