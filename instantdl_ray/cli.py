@@ -43,6 +43,14 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--chunks", type=int, default=512, help="zarr chunk edge along Y and X")
     c.add_argument("--axes", help="axis order of the images, e.g. YXC or CZYX (default: inferred)")
 
+    t = sub.add_parser("tune", help="Ray Tune search (ASHA) over learning rate, batch size, dropout, augmentation")
+    t.add_argument("config")
+    t.add_argument("--samples", type=int, default=8, help="number of trials")
+    t.add_argument("--max-epochs", type=int, help="epochs per trial (default: iterations_over_dataset)")
+    t.add_argument("--out", help="output folder (default: <path>/tune/<timestamp>)")
+    t.add_argument("--address", help="join a Ray cluster at HOST:PORT")
+    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
     e = sub.add_parser("evaluate", help="re-run evaluation and report of a finished run")
     e.add_argument("run_dir")
     return p
@@ -53,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     from .errors import InstantDLError
 
     try:
-        return {"run": _run, "validate": _validate, "evaluate": _evaluate, "predict": _predict, "convert": _convert}[args.command](args)
+        return {"run": _run, "validate": _validate, "evaluate": _evaluate, "predict": _predict, "convert": _convert, "tune": _tune}[args.command](args)
     except InstantDLError as e:
         print(e.format(), file=sys.stderr)
         return 2
@@ -131,4 +139,13 @@ def _convert(args) -> int:
     else:
         written = convert.to_zarr(Path(args.src), Path(args.dst), chunks=args.chunks, axes=args.axes)
         print(f"wrote {len(written)} zarr array(s) under {args.dst}")
+    return 0
+
+
+def _tune(args) -> int:
+    from .tune import tune
+
+    out = tune(args.config, args.overrides, num_samples=args.samples, out=args.out, max_epochs=args.max_epochs,
+               address=args.address)
+    print(f"best config: {Path(out) / 'best_config.yaml'}")
     return 0

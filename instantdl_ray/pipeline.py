@@ -43,8 +43,12 @@ def make_run_dir(cfg: Config, out: str | Path | None) -> Path:
     if out:
         run_dir = Path(out).expanduser().resolve()
     else:
+        import os
+
         stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         run_dir = Path(cfg.path) / "runs" / stamp
+        if not os.access(cfg.path, os.W_OK):  # read-only data (a shared drive): runs go to ./runs
+            run_dir = Path.cwd() / "runs" / f"{Path(cfg.path).name}-{stamp}"
     if (run_dir / RUN_STATE).exists():
         state = json.loads((run_dir / RUN_STATE).read_text())
         raise FileExistsError(

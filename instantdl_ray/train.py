@@ -227,13 +227,33 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         writer.close()
 
 
+def _download(uri: str) -> Path | None:
+    import tempfile
+
+    import pyarrow.fs as pafs
+
+    fs, root = pafs.FileSystem.from_uri(uri)
+    if fs.get_file_info(root).type == pafs.FileType.NotFound:
+        return None
+    local = Path(tempfile.mkdtemp(prefix="instantdl-resume-"))
+    pafs.copy_files(root, str(local), source_filesystem=fs)
+    return local
+
+
 def _ckpt_epoch(ckpt) -> int:
     with ckpt.as_directory() as d:
         return _read_epoch(Path(d))
 
 
-def latest_checkpoint(storage: Path) -> Path | None:
-    """The newest checkpoint folder (holding ``state.pt``) under a Ray Train storage folder."""
+def latest_checkpoint(storage: str | Path) -> Path | None:
+    """The newest checkpoint folder (holding ``state.pt``) under a Ray Train storage folder.
+
+    Remote storage (``s3://...``) is first mirrored to a local temporary folder with pyarrow.
+    """
+    if isinstance(storage, str) and "://" in storage:
+        storage = _download(storage)
+        if storage is None:
+            return None
     # a kill during Ray's copy into storage can leave a checkpoint folder without all its files
     found = [p.parent for p in Path(storage).rglob(STATE_FILE)
              if (p.parent / MODEL_FILE).exists() and (p.parent / BEST_FILE).exists() and _read_epoch(p.parent) >= 0]
@@ -261,8 +281,13 @@ def fit(cfg, plan: Plan, inv, run_dir: Path, resources, augment_params, resume: 
 
     from .dataset import grid_rows, ray_dataset, training_rows
 
-    storage = Path(cfg.ray.storage_path).expanduser() if cfg.ray.storage_path else run_dir / "checkpoints" / "ray"
-    storage = storage.resolve()
+    storage: str | Path
+    if cfg.ray.storage_path and "://" in cfg.ray.storage_path:
+        storage = cfg.ray.storage_path.rstrip("/") + "/" + run_dir.name  # s3://, gs://: Ray's pyarrow filesystems
+    elif cfg.ray.storage_path:
+        storage = (Path(cfg.ray.storage_path).expanduser() / run_dir.name).resolve()
+    else:
+        storage = (run_dir / "checkpoints" / "ray").resolve()
     resume_ckpt: Path | None = None
     start_epoch = 0
     if resume:

@@ -1,0 +1,64 @@
+"""Training helpers without Ray: early stopping, resource planning, checkpoint discovery."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+
+from instantdl_ray import _ray
+from instantdl_ray.config import RayConfig
+from instantdl_ray.errors import ConfigError
+from instantdl_ray.train import BEST_FILE, MODEL_FILE, STATE_FILE, EarlyStopping, latest_checkpoint
+
+
+def test_early_stopping_keeps_best_and_stops_after_patience():
+    es = EarlyStopping(patience=2)
+    assert es.step(1.0, 0) and es.step(0.5, 1)
+    assert not es.step(0.6, 2) and not es.should_stop
+    assert not es.step(0.5, 3) and es.should_stop
+    assert es.best == 0.5 and es.best_epoch == 1
+    again = EarlyStopping(2, **es.state())
+    assert again.should_stop and again.best_epoch == 1
+
+
+@pytest.mark.parametrize("cpus,workers", [(2, 1), (2, 2), (4, 3), (16, 4), (64, 8)])
+def test_planned_resources_always_leave_a_cpu_for_data(cpus, workers):
+    res = _ray.plan_resources(RayConfig(num_workers=workers), cpus, 0, node_cores=cpus)
+    assert res.num_workers == workers
+    assert res.num_workers * res.cpus_per_worker <= cpus - 1 + 1e-9
+    assert res.data_cpus >= 1 and res.torch_threads >= 1
+
+
+def test_explicit_resources_that_would_hang_are_refused_before_start():
+    with pytest.raises(ConfigError) as e:
+        _ray.plan_resources(RayConfig(num_workers=2, cpus_per_worker=1), 2, 0)
+    assert "ray.cpus_per_worker" in str(e.value) and "data loading" in str(e.value)
+    with pytest.raises(ConfigError, match="GPU"):
+        _ray.plan_resources(RayConfig(num_workers=2, use_gpu=True), 8, 1)
+
+
+def _fake_checkpoint(folder, epoch):
+    folder.mkdir(parents=True)
+    torch.save({}, folder / MODEL_FILE)
+    torch.save({}, folder / BEST_FILE)
+    torch.save({"epoch": epoch}, folder / STATE_FILE)
+
+
+def test_latest_checkpoint_picks_highest_epoch_and_skips_half_copied(tmp_path):
+    _fake_checkpoint(tmp_path / "train" / "a", 1)
+    _fake_checkpoint(tmp_path / "train" / "b", 3)
+    half = tmp_path / "train" / "c"
+    half.mkdir()
+    torch.save({"epoch": 9}, half / STATE_FILE)  # killed while Ray copied it: no weights
+    assert latest_checkpoint(tmp_path).name == "b"
+    assert latest_checkpoint(tmp_path / "empty") is None
+
+
+def test_latest_checkpoint_reads_remote_uri_storage(tmp_path):
+    """``s3://``-style storage goes through pyarrow filesystems; ``file://`` exercises the same path."""
+    _fake_checkpoint(tmp_path / "store" / "train" / "ck1", 2)
+    found = latest_checkpoint(f"file://{tmp_path / 'store'}")
+    assert found is not None and torch.load(found / STATE_FILE)["epoch"] == 2
+    assert latest_checkpoint(f"file://{tmp_path / 'missing'}") is None
