@@ -70,6 +70,7 @@ class RayConfig(_Strict):
     storage_path: Optional[str] = None  # None: <run_dir>/checkpoints (local runs)
     max_failures: int = Field(2, ge=0)
     predict_actors: Optional[int] = Field(None, ge=1)  # None: one per free CPU/GPU
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"  # workers over nodes
 
 
 class AugmentConfig(_Strict):

@@ -74,6 +74,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Runs inside every Ray Train worker. ``config`` is plain JSON-able data."""
     import tempfile
 
+    import ray
     import ray.train
     import ray.train.torch
     import torch
@@ -98,6 +99,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if log_path is not None and log_path.parent.exists():
             with open(log_path, "a") as f:
                 f.write(msg + "\n")
+
+    node = ray.get_runtime_context().get_node_id()
+    print(f"worker {rank}/{world} on node {node[:12]} ({device})", flush=True)
+    if log_path is not None and log_path.parent.exists():
+        with open(log_path, "a") as f:  # every rank: shows where training ran
+            f.write(f"worker {rank}/{world} on node {node}\n")
 
     stopper = EarlyStopping(int(config["patience"]))
     start_epoch, history, opt_state = 0, [], None
@@ -151,8 +158,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     def to_dev(batch: dict) -> dict:
         return {k: v.to(device) for k, v in batch.items() if k in ("image", "target", "label")}
 
-    batches = train_shard.iter_torch_batches(batch_size=bs, drop_last=False, prefetch_batches=2)
-    it = iter(batches)
+    def endless_batches():
+        """The spec stream covers the planned epochs; after a worker-group restart Ray may hand
+        over only what was left of it, so start a new pass when it runs dry (never on an empty set)."""
+        while True:
+            n = 0
+            for b in train_shard.iter_torch_batches(batch_size=bs, drop_last=False, prefetch_batches=2):
+                n += 1
+                yield b
+            if n == 0:
+                return
+
+    it = endless_batches()
     epoch = start_epoch
     t_epochs: list[float] = []
     exhausted = False
@@ -337,6 +354,7 @@ def fit(cfg, plan: Plan, inv, run_dir: Path, resources, augment_params, resume: 
             num_workers=resources.num_workers,
             use_gpu=resources.use_gpu,
             resources_per_worker={"CPU": resources.cpus_per_worker, **({"GPU": 1} if resources.use_gpu else {})},
+            placement_strategy=cfg.ray.placement_strategy,
         ),
         run_config=RunConfig(
             name="train",

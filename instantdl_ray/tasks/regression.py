@@ -71,3 +71,13 @@ class Regression(Task):
             u = (stitched["std"] * std).astype(np.float32)
             out["uncertainty"] = u[0] if u.shape[0] == 1 else u
         return out
+
+    # ---- blockwise finalisation (images stitched on the streaming path, stitch.ImageAccumulator)
+    finalize_inputs = ("value", "std")
+
+    def finalize_stats(self, stitched, plan, blocks) -> dict:
+        return {}  # de-normalising is pixelwise: no whole-image numbers
+
+    def finalize_block(self, stitched, plan, stats) -> dict:
+        """``finalize`` for one block ``(C, *block)`` of the stitched outputs."""
+        return self.finalize(stitched, plan)

@@ -118,3 +118,62 @@ class Semantic(Task):
         if "entropy" in stitched:
             out["uncertainty"] = stitched["entropy"][0].astype(np.float32)
         return out
+
+    # ---- blockwise finalisation (images stitched on the streaming path, stitch.ImageAccumulator)
+    finalize_inputs = ("prob", "entropy")  # what finalize reads; the streaming path keeps only these
+
+    def build_model(self, plan):
+        from ..models import build_model
+
+        # plan.extra["model_options"] (e.g. {"features": [4, 4, 8, 8, 16, 4]}) reaches the builder
+        return build_model(plan.model, in_channels=plan.in_channels, out_channels=plan.out_channels,
+                           spatial_dims=plan.spatial_dims, dropout=plan.dropout,
+                           **plan.extra.get("model_options", {}))
+
+    def finalize_stats(self, stitched, plan, blocks) -> dict:
+        """Whole-image numbers ``finalize_block`` needs, read block by block from lazily sliceable
+        stitched arrays ``(C, *shape)`` (zarr): the binary Otsu threshold. The 256-bin histogram
+        over the probability map's [min, max] is summed over blocks, so the threshold is the one
+        ``finalize`` computes on the whole image (same bins, same counts)."""
+        prob = stitched["prob"]
+        if prob.shape[0] != 1:
+            return {"threshold": None}
+        lo, hi = _value_range(prob, blocks)
+        if not hi > lo:
+            return {"threshold": 0.5}
+        from skimage.filters import threshold_otsu
+
+        counts = np.zeros(OTSU_BINS, np.int64)
+        edges = None
+        for b in blocks:
+            c, edges = np.histogram(np.asarray(prob[(0,) + tuple(b)]), bins=OTSU_BINS, range=(lo, hi))
+            counts += c
+        centers = (edges[:-1] + edges[1:]) / 2.0
+        return {"threshold": float(np.clip(threshold_otsu(hist=(counts, centers)), *OTSU_CLIP))}
+
+    def finalize_block(self, stitched, plan, stats) -> dict:
+        """``finalize`` for one block ``(C, *block)`` of the stitched outputs, given ``finalize_stats``."""
+        prob = stitched["prob"]
+        if prob.shape[0] == 1:
+            pred = (prob[0] > stats["threshold"]).astype(np.uint8)
+        else:
+            pred = prob.argmax(0).astype(np.uint8)
+        out = {"prediction": pred}
+        if "entropy" in stitched:
+            out["uncertainty"] = stitched["entropy"][0].astype(np.float32)
+        return out
+
+
+OTSU_BINS = 256  # skimage threshold_otsu's default
+
+
+def _value_range(arr, blocks) -> tuple[np.float32, np.float32]:
+    """(min, max) of channel 0: from the zarr attrs the streaming accumulator writes, else a pass."""
+    attrs = getattr(arr, "attrs", None)
+    if attrs is not None and "min" in attrs and "max" in attrs:
+        return np.float32(attrs["min"][0]), np.float32(attrs["max"][0])
+    lo, hi = np.float32(np.inf), np.float32(-np.inf)
+    for b in blocks:
+        x = np.asarray(arr[(0,) + tuple(b)])
+        lo, hi = min(lo, x.min()), max(hi, x.max())
+    return np.float32(lo), np.float32(hi)
