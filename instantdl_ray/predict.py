@@ -2,6 +2,16 @@
 
 ``Predictor`` is a plain callable class (testable on one batch without Ray); Ray's
 ``map_batches`` runs it on an actor pool, each actor loading the weights once.
+
+Memory: the driver consumes tiles as Ray Data streams them (``iter_batches``; Ray Data's
+backpressure bounds what waits in the object store) and adds each to its image's accumulator.
+Images above ``stitch.IN_MEMORY_LIMIT`` pixels are stitched, finalised and written block by
+block (``_write_blockwise``): ``predictions/<stem>.zarr`` plus a tiled BigTIFF
+``predictions/<stem>.tif`` (and the same under ``uncertainty/``), so no whole-image array is
+ever in RAM. Tasks opt in with ``finalize_stats`` / ``finalize_block`` (semantic, regression);
+Mask R-CNN label images are merged in zarr and written blockwise too. The U-Net instance task
+(watershed over the whole image) still finalises whole images: its RAM grows with the image.
+Small images keep the in-memory path (``_write_pixel``: one plain TIFF each).
 """
 
 from __future__ import annotations
@@ -85,7 +95,7 @@ def predict(cfg, plan: Plan, samples: list[read.Sample], shapes: dict, model_pat
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=n_actors),
         num_gpus=1 if resources.use_gpu else 0,
-        num_cpus=1 if not resources.use_gpu else 0,
+        num_cpus=0 if resources.use_gpu else actor_cpus(n_actors, resources.cluster_cpus),
     )
     log(f"predicting {len(samples)} images ({len(rows)} tiles) on {n_actors} actor(s), "
         f"{passes} Monte-Carlo pass{'es' if passes > 1 else ''} per tile")
@@ -107,10 +117,11 @@ def predict(cfg, plan: Plan, samples: list[read.Sample], shapes: dict, model_pat
                 sp = tuple(spatial_shape(shapes[str(s.image)], plan.axes))
                 ov = tuple(int(t * cfg.tile_overlap) for t in plan.tile_shape)
                 accs[idx] = ImageAccumulator(sp, tile_grid(sp, tuple(plan.tile_shape), ov), tuple(plan.tile_shape),
-                                             scratch=out_dir / ".scratch" / s.stem)
+                                             scratch=out_dir / ".scratch" / s.stem,
+                                             keys=getattr(task, "finalize_inputs", None))
             done_tiles += 1
             if accs[idx].add(t_idx, outputs):
-                records.append(_write_pixel(s, task.finalize(accs.pop(idx).result(), plan), pred_dir, unc_dir))
+                records.append(write_image(s, accs.pop(idx), task, plan, pred_dir, unc_dir))
         if time.time() - last > 10 or done_tiles == len(rows):
             last = time.time()
             rate = done_tiles / max(last - t0, 1e-9)
@@ -118,6 +129,30 @@ def predict(cfg, plan: Plan, samples: list[read.Sample], shapes: dict, model_pat
     if not task.pixelwise:
         _write_predictions_csv(records, plan, pred_dir / "predictions.csv")
     return sorted(records, key=lambda r: r["name"])
+
+
+def actor_cpus(n_actors: int, cluster_cpus: float) -> float:
+    """CPUs each prediction actor reserves: 1, unless that would leave no CPU for the Ray Data
+    tasks that read the tiles (``ray.predict_actors`` >= the cluster's CPUs would then hang)."""
+    if cluster_cpus <= 0 or cluster_cpus - n_actors >= 1:
+        return 1.0
+    return round(max(cluster_cpus - 1, cluster_cpus / 2) / n_actors, 3)
+
+
+def write_image(s: read.Sample, acc, task, plan: Plan, pred_dir: Path, unc_dir: Path) -> dict:
+    """Finalise one complete image and write its files; returns its record.
+
+    Streaming accumulators (large images) are finalised block by block when the task supports
+    it (``finalize_block``) or when they hold merged labels; anything else is finalised whole.
+    """
+    if acc.streaming and acc.labels is not None:
+        rec = _write_labels_blockwise(s, acc, pred_dir)
+    elif acc.streaming and hasattr(task, "finalize_block") and acc.stitched():
+        rec = _write_blockwise(s, acc, task, plan, pred_dir, unc_dir)
+    else:
+        return _write_pixel(s, task.finalize(acc.result(), plan), pred_dir, unc_dir)
+    acc.cleanup()
+    return rec
 
 
 def _write_pixel(s: read.Sample, out: dict, pred_dir: Path, unc_dir: Path) -> dict:
@@ -136,6 +171,122 @@ def _write_pixel(s: read.Sample, out: dict, pred_dir: Path, unc_dir: Path) -> di
     elif pred.dtype == np.uint16:
         _write_objects_csv(pred, {}, pred_dir / f"{s.stem}_objects.csv")
     return rec
+
+
+# ---------------------------------------------------------------- large images, block by block
+
+TIFF_TILE = 512  # tiles of the BigTIFFs written for large images (= stitch.STREAM_BLOCK in-plane)
+
+
+def _output_zarr(path: Path, lead: tuple[int, ...], spatial: tuple[int, ...], dtype):
+    """A chunked zarr for a prediction ``(*lead, *spatial)``: one TIFF tile per chunk (z = 1)."""
+    import zarr
+
+    chunks = (1,) * len(lead) + (1,) * (len(spatial) - 2) + tuple(min(TIFF_TILE, n) for n in spatial[-2:])
+    if path.exists():
+        import shutil
+
+        shutil.rmtree(path)
+    return zarr.create_array(store=str(path), shape=lead + spatial, chunks=chunks, dtype=dtype,
+                             fill_value=0, overwrite=True)
+
+
+def write_tiff_tiles(path: Path, arr) -> Path:
+    """Write a lazily sliceable array ``(..., Y, X)`` (zarr) as a tiled BigTIFF from an iterator
+    of ``TIFF_TILE``² tiles (one plane at a time, rows of tiles in order), atomically like
+    ``read.write_tiff``: the file never holds more than one tile in RAM on the way."""
+    import tempfile
+
+    import tifffile
+
+    shape = tuple(arr.shape)
+    ny, nx = shape[-2:]
+
+    def tiles():
+        for lead in np.ndindex(*shape[:-2]):
+            for y in range(0, ny, TIFF_TILE):
+                for x in range(0, nx, TIFF_TILE):
+                    yield np.asarray(arr[lead + (slice(y, y + TIFF_TILE), slice(x, x + TIFF_TILE))])
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".tif", dir=path.parent, prefix=".tmp-")
+    os.close(fd)
+    try:
+        tifffile.imwrite(tmp, tiles(), shape=shape, dtype=arr.dtype, tile=(TIFF_TILE, TIFF_TILE), bigtiff=True)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def _write_blockwise(s: read.Sample, acc, task, plan: Plan, pred_dir: Path, unc_dir: Path) -> dict:
+    """Large image: ``task.finalize_stats`` over the stitched zarr arrays, then ``finalize_block``
+    per block into ``predictions/<stem>.zarr`` (and ``uncertainty/``), then tiled BigTIFFs."""
+    stitched = acc.stitched()
+    blocks = acc.blocks()
+    stats = task.finalize_stats(stitched, plan, blocks)
+    pred_z = unc_z = None
+    u_sum, u_n = 0.0, 0
+    for b in blocks:
+        out = task.finalize_block({k: np.asarray(v[(slice(None),) + b]) for k, v in stitched.items()}, plan, stats)
+        p = out["prediction"]
+        lead = p.shape[: p.ndim - len(b)]
+        if pred_z is None:
+            pred_z = _output_zarr(pred_dir / f"{s.stem}.zarr", lead, acc.shape, p.dtype)
+        pred_z[(slice(None),) * len(lead) + b] = p
+        u = out.get("uncertainty")
+        if u is not None:
+            ulead = u.shape[: u.ndim - len(b)]
+            if unc_z is None:
+                unc_z = _output_zarr(unc_dir / f"{s.stem}.zarr", ulead, acc.shape, np.float32)
+            unc_z[(slice(None),) * len(ulead) + b] = u
+            u_sum += float(np.sum(u, dtype=np.float64))
+            u_n += u.size
+    rec = {"name": s.stem, "image": str(s.image), "prediction": str(write_tiff_tiles(pred_dir / f"{s.stem}.tif", pred_z)),
+           "uncertainty": None, "groundtruth": s.groundtruth, "prediction_zarr": str(pred_dir / f"{s.stem}.zarr")}
+    if unc_z is not None:
+        rec["uncertainty"] = str(write_tiff_tiles(unc_dir / f"{s.stem}.tif", unc_z))
+        rec["uncertainty_zarr"] = str(unc_dir / f"{s.stem}.zarr")
+        rec["mean_uncertainty"] = u_sum / max(u_n, 1)
+    if stats.get("threshold") is not None:
+        rec["threshold"] = stats["threshold"]
+    return rec
+
+
+def _write_labels_blockwise(s: read.Sample, acc, pred_dir: Path) -> dict:
+    """Large image with merged labels (Mask R-CNN): the label zarr block by block into
+    ``predictions/<stem>.zarr`` (uint16, uint32 past 65535 objects), a tiled BigTIFF, and the
+    objects table with areas and bounding boxes summed over blocks."""
+    n = acc.next_label - 1
+    dtype = np.uint16 if n <= np.iinfo(np.uint16).max else np.uint32
+    pred_z = _output_zarr(pred_dir / f"{s.stem}.zarr", (), acc.shape, dtype)
+    nd = len(acc.shape)
+    area = np.zeros(n + 1, np.int64)
+    lo = np.full((nd, n + 1), np.iinfo(np.int64).max, np.int64)
+    hi = np.zeros((nd, n + 1), np.int64)
+    for b in acc.blocks():
+        lab = np.asarray(acc.labels[b])
+        pred_z[b] = lab.astype(dtype)
+        coords = np.nonzero(lab)
+        ids = lab[coords].astype(np.int64)
+        if ids.size == 0:
+            continue
+        area += np.bincount(ids, minlength=n + 1)[: n + 1]
+        for d in range(nd):
+            c = coords[d].astype(np.int64) + b[d].start
+            np.minimum.at(lo[d], ids, c)
+            np.maximum.at(hi[d], ids, c + 1)
+    path = write_tiff_tiles(pred_dir / f"{s.stem}.tif", pred_z)
+    with open(pred_dir / f"{s.stem}_objects.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        axes = "zyx"[-nd:]
+        w.writerow(["id", "score", "area"] + [f"{a}_min" for a in axes] + [f"{a}_max" for a in axes])
+        for i in np.nonzero(area)[0]:
+            w.writerow([int(i), f"{acc.object_scores.get(int(i), float('nan')):.4f}", int(area[i]),
+                        *[int(x) for x in lo[:, i]], *[int(x) for x in hi[:, i]]])
+    return {"name": s.stem, "image": str(s.image), "prediction": str(path), "uncertainty": None,
+            "groundtruth": s.groundtruth, "prediction_zarr": str(pred_dir / f"{s.stem}.zarr")}
 
 
 def _write_objects_csv(labels: np.ndarray, scores: dict, path: Path) -> None:

@@ -57,7 +57,7 @@ def two_node_cluster(tmp_path):
             time.sleep(2)
         else:
             pytest.fail("two-node cluster did not come up:\n" + (tmp_path / "head.log").read_text()[-2000:])
-        yield env
+        yield env, (head.pid, worker.pid)
     finally:
         for p in (worker, head):
             os.killpg(p.pid, signal.SIGINT)  # `ray start --block` stops its own node on Ctrl-C
@@ -70,6 +70,9 @@ def two_node_cluster(tmp_path):
 
 @pytest.mark.timeout(900)
 def test_run_on_two_nodes_survives_a_killed_worker(two_node_cluster, tmp_path):
+    from test_fault_tolerance import _worker_pids
+
+    env, node_pids = two_node_cluster
     data = make_semantic_set(tmp_path / "data", n_train=8, n_test=2)
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(f"use_algorithm: semantic\npath: {data}\niterations_over_dataset: 8\nbatchsize: 2\n"
@@ -78,11 +81,11 @@ def test_run_on_two_nodes_survives_a_killed_worker(two_node_cluster, tmp_path):
     proc = subprocess.Popen(
         [sys.executable, "-m", "instantdl_ray", "run", str(cfg), "--out", str(run_dir), "--address",
          f"127.0.0.1:{PORT}", "--set", "ray.num_workers=2", "--set", "ray.placement_strategy=SPREAD"],
-        env=two_node_cluster, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+        env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
     try:
         _wait(lambda: _checkpoint_epochs(run_dir) >= 2, 400, proc, log)
-        out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
-        victims = [int(line.split()[0]) for line in out.splitlines() if "RayTrainWorker" in line]
+        # only this cluster's workers (other Ray instances may run on the machine)
+        victims = [p for root in node_pids for p in _worker_pids(root)]
         assert victims, "no training worker process found"
         os.kill(victims[0], signal.SIGKILL)
         assert proc.wait(timeout=600) == 0, log.read_text()[-3000:]
