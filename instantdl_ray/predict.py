@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,12 @@ class Predictor:
     """``map_batches`` class: image tiles ``(B, C, *tile)`` -> task outputs, T MC passes each."""
 
     def __init__(self, plan: dict, state_dict: Any, passes: int, torch_threads: int = 1, use_gpu: bool = False):
+        if "torch" not in sys.modules:
+            # The actor's torch threads share the cores with the driver's stitching and the tile
+            # reads. With OpenMP's default spinning barriers, 2 threads on a busy 2-core machine
+            # ran a forward pass 10-30x slower than 1 thread; PASSIVE waits remove that. libgomp
+            # reads this when torch loads it, so only before the first torch import counts.
+            os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         import torch
 
         from .tasks import get_task
@@ -41,6 +48,10 @@ class Predictor:
             import ray
 
             state_dict = ray.get(state_dict[0])
+        if isinstance(state_dict, (bytes, bytearray, memoryview)):  # the checkpoint file's bytes
+            import io
+
+            state_dict = torch.load(io.BytesIO(state_dict), map_location="cpu")
         self.plan = Plan.from_json(plan)
         self.task = get_task(self.plan.task)
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
@@ -52,7 +63,8 @@ class Predictor:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
-        x = torch.from_numpy(np.ascontiguousarray(batch["image"])).to(self.device)
+        # batches from the object store are read-only views; torch wants writable memory
+        x = torch.from_numpy(np.require(batch["image"], np.float32, ["C", "W"])).to(self.device)
         out = self.task.predict_batch(self.model, x, self.passes)
         out["image_index"] = np.asarray(batch["image_index"])
         out["tile_index"] = np.asarray(batch["tile_index"])
@@ -83,7 +95,9 @@ def predict(cfg, plan: Plan, samples: list[read.Sample], shapes: dict, model_pat
     passes = cfg.mc_passes if cfg.calculate_uncertainty and not plan.model.startswith("maskrcnn") else 1
     rows = grid_rows(samples, shapes, plan, cfg.tile_overlap)
     ds = ray_dataset(rows, plan, with_target=False, rows_per_block=4)
-    state_ref = ray.put(load_state_dict(model_path))
+    # the checkpoint's bytes, not a loaded state dict: the driver never imports torch for this
+    # (~300 MB of RSS), and the actors on any node load it from the object store
+    state_ref = ray.put(Path(model_path).read_bytes())
     n_actors = max(1, min(resources.predict_actors, len(rows)))
     # each actor gets its share of this node's cores (GPU actors: the worker thread count)
     threads = resources.torch_threads if resources.use_gpu else max(1, (os.cpu_count() or 1) // n_actors)
@@ -128,6 +142,10 @@ def predict(cfg, plan: Plan, samples: list[read.Sample], shapes: dict, model_pat
             log(f"  predicted {done_tiles}/{len(rows)} tiles ({rate:.1f} tiles/s), {len(records)}/{len(samples)} images")
     if not task.pixelwise:
         _write_predictions_csv(records, plan, pred_dir / "predictions.csv")
+    try:
+        (out_dir / ".scratch").rmdir()  # large images' stitching scratch, empty once they are written
+    except OSError:
+        pass
     return sorted(records, key=lambda r: r["name"])
 
 
@@ -213,6 +231,9 @@ def write_tiff_tiles(path: Path, arr) -> Path:
     os.close(fd)
     try:
         tifffile.imwrite(tmp, tiles(), shape=shape, dtype=arr.dtype, tile=(TIFF_TILE, TIFF_TILE), bigtiff=True)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
