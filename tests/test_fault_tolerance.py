@@ -62,6 +62,21 @@ def _wait(pred, timeout: float, proc: subprocess.Popen, log: Path):
     raise AssertionError(f"timed out:\n{log.read_text()[-3000:]}")
 
 
+def _descendants(root_pid: int) -> list[int]:
+    """All processes descending from ``root_pid``."""
+    out = subprocess.run(["ps", "-eo", "pid,ppid"], capture_output=True, text=True).stdout
+    parent = {int(a): int(b) for a, b in (line.split() for line in out.splitlines()[1:])}
+
+    def descends(pid: int) -> bool:
+        while pid > 1:
+            if pid == root_pid:
+                return True
+            pid = parent.get(pid, 0)
+        return False
+
+    return [p for p in parent if p != root_pid and descends(p)]
+
+
 def _worker_pids(root_pid: int) -> list[int]:
     """PIDs of Ray Train worker processes descending from ``root_pid`` (the driver we started)."""
     out = subprocess.run(["ps", "-eo", "pid,ppid,args"], capture_output=True, text=True).stdout
@@ -107,8 +122,16 @@ def test_resume_after_kill_9_of_the_driver_continues_from_last_checkpoint(tmp_pa
     try:
         _wait(lambda: _checkpoint_epochs(run_dir) >= 2, 240, proc, log)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
+        # the driver, the local Ray it started and its workers (some leave the process group)
+        family = _descendants(proc.pid)
+        os.killpg(proc.pid, signal.SIGKILL)
+        for pid in family:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         proc.wait(timeout=60)
+        time.sleep(1)
     done_before = _checkpoint_epochs(run_dir)
     assert 2 <= done_before < EPOCHS
     assert json.loads((run_dir / "run.json").read_text())["status"] == "running"  # not looking complete
