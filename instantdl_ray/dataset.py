@@ -206,11 +206,49 @@ def grid_rows(samples: list[read.Sample], shapes: dict[str, tuple[int, ...]], pl
 # ---------------------------------------------------------------- Ray datasets
 
 
+STEP_INTERVAL_S = 0.02
+
+try:  # Ray's internal interface; without it nothing is throttled
+    from ray.data._internal.execution.execution_callback import ExecutionCallback as _ExecutionCallback
+except ImportError:  # pragma: no cover
+    _ExecutionCallback = None
+
+if _ExecutionCallback is not None:
+
+    class StepRateLimit(_ExecutionCallback):
+        """Caps the Ray Data streaming executor's scheduling loop at one step per ``STEP_INTERVAL_S``.
+
+        Without it the loop busy-spins a CPU whenever the consumer (the training worker) is the
+        bottleneck, which on CPU is always: a finished task whose output is held back by
+        backpressure counts as active, so the loop's wait returns at once
+        (``benchmarks/train_overhead.py`` measures it). 20 ms per step is far below the time of a
+        read + augment task, so the data path loses nothing.
+        """
+
+        def __init__(self):
+            self._last = 0.0
+
+        def on_execution_step(self, executor):
+            import time
+
+            wait = STEP_INTERVAL_S - (time.perf_counter() - self._last)
+            if wait > 0:
+                time.sleep(wait)
+            self._last = time.perf_counter()
+
+else:  # pragma: no cover
+    StepRateLimit = None
+
+
 def ray_dataset(rows: list[dict], plan: Plan, augment_params=None, with_target: bool = True, rows_per_block: int = 8):
     """Ray Dataset: spec rows -> ``ReadTiles`` -> (optional) augmentation, all streaming."""
     import ray
 
     ds = ray.data.from_items(rows, override_num_blocks=max(1, len(rows) // rows_per_block))
+    if StepRateLimit is not None:
+        callbacks = list(ds.context.custom_execution_callback_classes)
+        if StepRateLimit not in callbacks:
+            ds.context.custom_execution_callback_classes = callbacks + [StepRateLimit]
     reader = ReadTiles(plan, with_target)
 
     def read_tiles(batch: dict) -> dict:

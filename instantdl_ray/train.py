@@ -364,6 +364,7 @@ def fit(cfg, plan: Plan, inv, run_dir: Path, resources, augment_params, resume: 
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # our own epoch lines are enough
         ),
         datasets=datasets,
+        dataset_config=_data_config(plan, cfg.batchsize, list(datasets)),
     )
     result = trainer.fit()
     if result.checkpoint is None:
@@ -371,6 +372,35 @@ def fit(cfg, plan: Plan, inv, run_dir: Path, resources, augment_params, resume: 
     with result.checkpoint.as_directory() as d:
         st = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
         return _export_best(Path(d), run_dir, st["history"])
+
+
+READ_AHEAD_BYTES = 256 * 2**20
+
+
+def read_ahead_bytes(plan: Plan, batch_size: int) -> int:
+    """Object store budget of a training stream: 256 MiB, or 4 batches of tiles if more.
+
+    Ray Data otherwise reads ahead up to its whole object store share; a run's stream holds every
+    epoch's rows, so it would read and augment many epochs ahead of the trainer (CPU taken from
+    training, and spilled tiles) — see ``benchmarks/train_overhead.py``.
+    """
+    per_tile = 4 * (plan.in_channels + max(1, plan.out_channels)) * int(np.prod(plan.tile_shape))
+    return int(max(READ_AHEAD_BYTES, 4 * batch_size * per_tile))
+
+
+def _data_config(plan: Plan, batch_size: int, names: list[str]):
+    from ray.data import ExecutionOptions, ExecutionResources
+    from ray.train import DataConfig
+
+    opts = {}
+    for name in names:
+        o = DataConfig.default_ingest_options()
+        o.resource_limits = ExecutionResources(
+            cpu=o.resource_limits.cpu, gpu=o.resource_limits.gpu,
+            object_store_memory=read_ahead_bytes(plan, batch_size),
+        )
+        opts[name] = o
+    return DataConfig(execution_options=opts)
 
 
 def _export_best(ckpt_dir: Path, run_dir: Path, history: list[dict]) -> Path:

@@ -62,3 +62,30 @@ def test_latest_checkpoint_reads_remote_uri_storage(tmp_path):
     found = latest_checkpoint(f"file://{tmp_path / 'store'}")
     assert found is not None and torch.load(found / STATE_FILE)["epoch"] == 2
     assert latest_checkpoint(f"file://{tmp_path / 'missing'}") is None
+
+
+def test_training_stream_reads_a_bounded_amount_ahead():
+    """The stream holds every epoch's rows; Ray Data must not read and augment epochs ahead."""
+    from types import SimpleNamespace
+
+    from instantdl_ray.train import READ_AHEAD_BYTES, _data_config, read_ahead_bytes
+
+    small = SimpleNamespace(in_channels=1, out_channels=1, tile_shape=[256, 256])
+    assert read_ahead_bytes(small, 4) == READ_AHEAD_BYTES
+    big = SimpleNamespace(in_channels=2, out_channels=2, tile_shape=[64, 256, 256])
+    assert read_ahead_bytes(big, 8) == 4 * 8 * 4 * 4 * 64 * 256 * 256  # 4 batches of image + target
+    dc = _data_config(small, 4, ["train", "val"])
+    for name in ("train", "val"):
+        assert dc._resolve_execution_options(name).resource_limits.object_store_memory == READ_AHEAD_BYTES
+
+
+def test_ray_datasets_carry_the_executor_step_rate_limit(ray_session):
+    from instantdl_ray.dataset import StepRateLimit, ray_dataset
+    from instantdl_ray.plan import Plan
+
+    assert StepRateLimit is not None, "Ray's ExecutionCallback interface moved; the throttle is off"
+    plan = Plan(task="semantic", spatial_dims=2, axes="YX", target_axes="YX", in_channels=1, out_channels=1,
+                num_classes=1, class_names=[], tile_shape=[32, 32], image_size=None, model="unet",
+                loss="binary_crossentropy", dropout=0.0)
+    ds = ray_dataset([{"image": "x.tif", "target": "", "origin": [0, 0], "seed": 0}], plan, None)
+    assert StepRateLimit in ds.context.custom_execution_callback_classes
