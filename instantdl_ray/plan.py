@@ -56,21 +56,37 @@ class Plan:
         return asdict(self)
 
 
-def _subsample(arr: Any, axes: str | None = None, max_pixels: int = STAT_PIXELS) -> np.ndarray:
-    """Read a strided view of a (possibly lazy) array with at most ~``max_pixels`` elements.
+def _subsample(arr: Any, axes: str | None = None, max_pixels: int = STAT_PIXELS, seed: int = 0) -> np.ndarray:
+    """A bounded sample (~``max_pixels`` elements) of a (possibly lazy) array, for statistics.
 
-    Only spatial axes (``Z``, ``Y``, ``X`` in ``axes``; all axes longer than 4 when ``axes`` is
-    None) are strided, so channels stay whole.
+    Chunked lazy arrays (zarr, TIFF through ``aszarr``) of many chunks: whole chunks at seeded
+    random positions of the chunk grid (at least 8), concatenated along the last spatial axis, so
+    the cost is O(max_pixels) and not O(image) (a strided view would decode every chunk of a
+    slide). Otherwise a strided view. Only spatial axes (``Z``, ``Y``, ``X`` in ``axes``; all axes
+    longer than 4 when ``axes`` is None) are sampled, so channels stay whole.
     """
-    total = int(np.prod(arr.shape))
+    shape = tuple(int(s) for s in arr.shape)
+    total = int(np.prod(shape))
     if total <= max_pixels:
         return np.asarray(arr[...])
-    if axes is None:
-        strided = [s > 4 for s in arr.shape]
-    else:
-        strided = [a in "ZYX" for a in axes]
-    step = int(np.ceil((total / max_pixels) ** (1 / max(1, sum(strided)))))
-    idx = tuple(slice(None, None, step) if st else slice(None) for st in strided)
+    spatial = [a in "ZYX" for a in axes] if axes is not None else [s > 4 for s in shape]
+    chunks = getattr(arr, "chunks", None)
+    if not isinstance(arr, np.ndarray) and chunks and all(isinstance(c, int) for c in chunks) and any(spatial):
+        grid = [max(1, s // c) if sp else 1 for s, c, sp in zip(shape, chunks, spatial)]  # whole chunks only
+        cells = int(np.prod(grid))
+        chunk_pixels = int(np.prod([c if sp else s for s, c, sp in zip(shape, chunks, spatial)]))
+        n = min(cells, max(8, -(-max_pixels // chunk_pixels)))
+        if n < cells // 2:  # else the strided read is as cheap
+            picks = np.random.default_rng(seed).choice(cells, size=n, replace=False)
+            last = max(k for k, sp in enumerate(spatial) if sp)
+            parts = []
+            for flat in sorted(int(f) for f in picks):
+                pos = np.unravel_index(flat, grid)
+                idx = tuple(slice(p * c, (p + 1) * c) if sp else slice(None) for p, c, sp in zip(pos, chunks, spatial))
+                parts.append(np.asarray(arr[idx]))
+            return np.concatenate(parts, axis=last)
+    step = int(np.ceil((total / max_pixels) ** (1 / max(1, sum(spatial)))))
+    idx = tuple(slice(None, None, step) if st else slice(None) for st in spatial)
     return np.asarray(arr[idx])
 
 
