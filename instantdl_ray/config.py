@@ -115,6 +115,7 @@ class Config(_Strict):
     dropout: Optional[float] = Field(None, ge=0.0, lt=1.0)  # None: 0.2 U-Net / 0.5 ResNet
     mc_passes: int = Field(20, ge=2)
     tiles_per_image: Optional[int] = Field(None, ge=1)  # training tiles drawn per image per epoch
+    foreground_sampling: float = Field(0.0, ge=0.0, le=1.0)  # fraction of training tiles centred on labels
     tile_overlap: float = Field(0.25, ge=0.0, lt=1.0)
     dimensions: Optional[Literal[2, 3]] = None  # None: inferred from image/groundtruth shapes
     axes: Optional[str] = None  # None: inferred, e.g. "YX", "YXC", "CYX", "ZYX"

@@ -137,6 +137,52 @@ def _origins(shape: Sequence[int], tile: Sequence[int], n: int, rng: np.random.G
     return [[int(rng.integers(0, max(s - t, 0) + 1)) for s, t in zip(shape, tile)] for _ in range(n)]
 
 
+FOREGROUND_BLOCK = 2048  # pixels per axis read at a time when mapping the foreground of a large label
+
+
+def foreground_map(target: Any, target_axes: str, cell: Sequence[int]) -> np.ndarray:
+    """Coarse foreground map of a label image: one cell per ``cell`` pixels, 1 where any pixel > 0.
+
+    Reads the label block by block (``FOREGROUND_BLOCK`` per axis), so a slide-size zarr label
+    costs one block of memory; the map itself is small (1/``cell`` per axis). ``target`` is a
+    label path or a list of per-object mask paths (InstantDL's instance layout).
+    """
+    if isinstance(target, list):
+        arr, axes = read.read_instance_masks(target), "YX"
+    else:
+        arr, axes = read.open_array(target), target_axes
+    shape = [int(s) for s in arr.shape]
+    sp = [k for k, a in enumerate(axes) if a in "ZYX"]
+    spatial = [shape[k] for k in sp]
+    grid = [max(1, -(-s // c)) for s, c in zip(spatial, cell)]
+    out = np.zeros(grid, np.float32)
+    step = [max(c, (FOREGROUND_BLOCK // c) * c) for c in cell]  # blocks aligned with cells
+    import itertools
+
+    for starts in itertools.product(*[range(0, s, st) for s, st in zip(spatial, step)]):
+        idx: list[Any] = [slice(None)] * len(shape)
+        for k, a, st in zip(sp, starts, step):
+            idx[k] = slice(a, a + st)
+        block = np.asarray(arr[tuple(idx)]) > 0
+        other = tuple(k for k in range(block.ndim) if k not in sp)
+        if other:
+            block = block.any(axis=other)
+        pad = [(0, (-b) % c) for b, c in zip(block.shape, cell)]
+        block = np.pad(block, pad)
+        coarse = block.reshape([v for b, c in zip(block.shape, cell) for v in (b // c, c)])
+        coarse = coarse.any(axis=tuple(range(1, 2 * len(cell), 2)))
+        where = tuple(slice(a // c, a // c + n) for a, c, n in zip(starts, cell, coarse.shape))
+        out[where] = np.maximum(out[where], coarse)
+    return out
+
+
+def foreground_maps(samples: list[read.Sample], plan: Plan) -> dict[str, np.ndarray]:
+    """``foreground_map`` of every sample's label, cells of a quarter tile per axis."""
+    cell = [max(1, t // 4) for t in plan.tile_shape]
+    return {str(s.image): foreground_map(s.groundtruth, plan.target_axes or "YX", cell) for s in samples
+            if s.groundtruth is not None and not isinstance(s.groundtruth, int)}
+
+
 def tiles_per_image(spatial_shape: Sequence[int], tile: Sequence[int], configured: int | None) -> int:
     """Enough random tiles per epoch to cover the image about once."""
     if configured:
@@ -155,12 +201,19 @@ def training_rows(
     seed: int,
     epochs: range,
     tiles: int | None = None,
+    foreground: dict[str, np.ndarray] | None = None,
+    foreground_fraction: float = 0.0,
 ) -> list[dict]:
     """Spec rows for ``epochs`` (e.g. ``range(3, 50)`` when resuming), shuffled per epoch.
 
     Each row carries its own augmentation seed derived from (seed, epoch, position), so a run
-    reproduces regardless of how Ray batches or orders rows.
+    reproduces regardless of how Ray batches or orders rows. With ``foreground`` maps
+    (``foreground_maps``) and ``foreground_fraction`` > 0, about that fraction of each image's
+    tiles is centred on a labelled cell (``tile.random_tile_origins`` with weights), the rest
+    uniform: sparse objects on a large slide are then seen every epoch.
     """
+    from .tile import random_tile_origins
+
     rows = []
     for epoch in epochs:
         rng = np.random.default_rng([seed, epoch])
@@ -168,7 +221,14 @@ def training_rows(
         for s in samples:
             sp = spatial_shape(shapes[str(s.image)], plan.axes)
             n = tiles_per_image(sp, plan.tile_shape, tiles) if plan.image_size is None else 1
-            for origin in _origins(sp, plan.tile_shape, n, rng):
+            fg = foreground.get(str(s.image)) if foreground and foreground_fraction > 0 else None
+            if fg is not None and any(a > t for a, t in zip(sp, plan.tile_shape)):
+                k = int(rng.binomial(n, foreground_fraction))
+                origins = [list(o) for o in random_tile_origins(sp, plan.tile_shape, k, rng, weights=fg)]
+                origins += _origins(sp, plan.tile_shape, n - k, rng)
+            else:
+                origins = _origins(sp, plan.tile_shape, n, rng)
+            for origin in origins:
                 row = {"image": str(s.image), "target": encode_target(s.groundtruth), "origin": origin}
                 if isinstance(s.groundtruth, int):
                     row["label"] = int(s.groundtruth)

@@ -323,7 +323,16 @@ def fit(cfg, plan: Plan, inv, run_dir: Path, resources, augment_params, resume: 
     epochs = cfg.iterations_over_dataset
     if start_epoch >= epochs:
         return _export_best(latest_checkpoint(storage), run_dir, [])
-    rows = training_rows(train_samples, inv.image_shapes, plan, cfg.seed, range(start_epoch, epochs), cfg.tiles_per_image)
+    fg = None
+    if cfg.foreground_sampling > 0:
+        from .dataset import foreground_maps
+
+        t = time.time()
+        fg = foreground_maps(train_samples, plan)
+        log(f"foreground maps of {len(fg)} label images in {time.time() - t:.1f} s: "
+            f"{cfg.foreground_sampling:.0%} of the training tiles centred on labelled pixels")
+    rows = training_rows(train_samples, inv.image_shapes, plan, cfg.seed, range(start_epoch, epochs), cfg.tiles_per_image,
+                         foreground=fg, foreground_fraction=cfg.foreground_sampling)
     rows_per_epoch = len(rows) // max(1, epochs - start_epoch)
     datasets = {"train": ray_dataset(rows, plan, augment_params)}
     if val_samples:

@@ -81,6 +81,11 @@ def check_config_choices(cfg: Config) -> list[str]:
             problems.append(f"pretrained_weights: '{w}' not found; give a run directory, a checkpoint folder or a .pt file")
     if w is True:
         problems.append("pretrained_weights: true is not a source; use false, 'imagenet', 'coco' or a path")
+    if cfg.foreground_sampling > 0 and cfg.task not in ("semantic", "instance"):
+        problems.append(
+            f"foreground_sampling: {cfg.foreground_sampling} needs label images (SemanticSegmentation or "
+            f"InstanceSegmentation); {cfg.use_algorithm} has none. Remove the key or set it to 0"
+        )
     if cfg.iterations_over_dataset == 0 and not w:
         problems.append(
             "iterations_over_dataset: 0 means 'predict only' and needs pretrained_weights (a trained run); "

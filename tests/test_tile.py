@@ -211,3 +211,41 @@ def test_tile_is_frozen():
     with pytest.raises(Exception):
         t.read = ()  # type: ignore[misc]
     assert t.origin == (0, 0)
+
+
+def test_foreground_map_of_a_chunked_label_marks_exactly_the_labelled_cells(tmp_path):
+    import zarr
+
+    from instantdl_ray import dataset
+
+    lab = np.zeros((5000, 3000), np.uint8)
+    lab[10:20, 2990:3000] = 1  # in the last (partial) cell column
+    lab[4100:4101, 100:101] = 3
+    z = zarr.create_array(store=str(tmp_path / "l.zarr"), shape=lab.shape, chunks=(512, 512), dtype="uint8")
+    z[...] = lab
+    fg = dataset.foreground_map(str(tmp_path / "l.zarr"), "YX", [64, 64])
+    assert fg.shape == (79, 47)
+    assert set(map(tuple, np.argwhere(fg > 0))) == {(0, 46), (64, 1)}
+
+
+def test_foreground_sampling_centres_tiles_on_sparse_labels():
+    from types import SimpleNamespace
+
+    from instantdl_ray import dataset, read
+
+    plan = SimpleNamespace(tile_shape=[64, 64], image_size=None, axes="YX")
+    samples = [read.Sample(name="a", image="a.tif", groundtruth="a_gt.tif")]
+    shapes = {"a.tif": (2048, 2048)}
+    fg = np.zeros((128, 128), np.float32)
+    fg[100, 20] = 1  # one labelled 16x16 cell at y 1600..1616, x 320..336
+
+    def hits(rows):
+        return sum(1 for r in rows if 1600 - 64 < r["origin"][0] <= 1616 and 320 - 64 < r["origin"][1] <= 336)
+
+    uniform = dataset.training_rows(samples, shapes, plan, 0, range(4), tiles=100)
+    half = dataset.training_rows(samples, shapes, plan, 0, range(4), tiles=100, foreground={"a.tif": fg},
+                                 foreground_fraction=0.5)
+    assert len(half) == len(uniform) == 400
+    assert hits(uniform) < 10 and 150 < hits(half) < 250
+    # the default (no maps) draws exactly the rows it drew before the option existed
+    assert uniform == dataset.training_rows(samples, shapes, plan, 0, range(4), tiles=100, foreground={"a.tif": fg})

@@ -172,6 +172,12 @@ def test_loss_that_does_not_fit_the_task(tmp_path):
     assert p.startswith("loss_function: 'mse'") and "Classification" in p and "binary_crossentropy" in p
 
 
+def test_foreground_sampling_needs_label_images(tmp_path, semantic_set):
+    root = _classification_set(tmp_path / "c")
+    (p,) = _problems(root, "Classification", foreground_sampling=0.5)
+    assert p.startswith("foreground_sampling: 0.5") and "Classification" in p
+
+
 def test_loss_typo_suggests(semantic_set):
     (p,) = _problems(semantic_set, loss_function="dice_crossentropi")
     assert "Did you mean 'dice_crossentropy'?" in p
