@@ -70,6 +70,49 @@ class EarlyStopping:
         return {"best": self.best, "bad_epochs": self.bad_epochs, "best_epoch": self.best_epoch}
 
 
+def train_epoch(model, batches, steps: int, task, loss_fn, opt, to_dev, scaler=None) -> tuple[float, int, bool]:
+    """``steps`` optimiser steps on batches drawn from the iterator ``batches`` (mixed precision
+    when a CUDA ``scaler`` is given). Returns (sum of loss x batch size, samples seen, whether
+    the iterator ran dry). Shared by training and by the tuning trials."""
+    import torch
+
+    model.train()
+    loss_sum, n_seen = 0.0, 0
+    for _ in range(steps):
+        try:
+            batch = to_dev(next(batches))
+        except StopIteration:
+            return loss_sum, n_seen, True
+        opt.zero_grad(set_to_none=True)
+        if scaler is not None:
+            with torch.autocast("cuda", dtype=torch.float16):
+                loss = task.loss(model, batch, loss_fn)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        else:
+            loss = task.loss(model, batch, loss_fn)
+            loss.backward()
+            opt.step()
+        b = batch["image"].shape[0]
+        loss_sum += float(loss.detach()) * b
+        n_seen += b
+    return loss_sum, n_seen, False
+
+
+def val_sums(model, batches, task, loss_fn, to_dev) -> dict[str, float]:
+    """The task's summable validation statistics over ``batches`` (eval mode, no gradients)."""
+    import torch
+
+    model.eval()
+    sums: dict[str, float] = {}
+    with torch.no_grad():
+        for vb in batches:
+            for k, v in task.val_sums(model, to_dev(vb), loss_fn).items():
+                sums[k] = sums.get(k, 0.0) + v
+    return sums
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Runs inside every Ray Train worker. ``config`` is plain JSON-able data."""
     import tempfile
@@ -175,39 +218,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     exhausted = False
     while epoch < epochs and not exhausted:
         t0 = time.time()
-        model.train()
-        loss_sum, n_seen = 0.0, 0
-        for _ in range(steps_per_epoch):
-            try:
-                batch = to_dev(next(it))
-            except StopIteration:
-                exhausted = True
-                break
-            opt.zero_grad(set_to_none=True)
-            if use_amp:
-                with torch.autocast("cuda", dtype=torch.float16):
-                    loss = task.loss(model, batch, loss_fn)
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
-            else:
-                loss = task.loss(model, batch, loss_fn)
-                loss.backward()
-                opt.step()
-            b = batch["image"].shape[0]
-            loss_sum += float(loss.detach()) * b
-            n_seen += b
+        loss_sum, n_seen, exhausted = train_epoch(model, it, steps_per_epoch, task, loss_fn, opt, to_dev, scaler)
         if n_seen == 0:
             break
         tr = _all_reduce({"loss_sum": loss_sum, "n": n_seen})
         metrics = {"epoch": epoch, "loss": tr["loss_sum"] / max(tr["n"], 1)}
         if val_shard is not None:
-            model.eval()
-            sums: dict[str, float] = {}
-            with torch.no_grad():
-                for vb in val_shard.iter_torch_batches(batch_size=bs):
-                    for k, v in task.val_sums(model, to_dev(vb), loss_fn).items():
-                        sums[k] = sums.get(k, 0.0) + v
+            sums = val_sums(model, val_shard.iter_torch_batches(batch_size=bs), task, loss_fn, to_dev)
             metrics.update(task.val_summary(_all_reduce(sums)) if sums else {})
         monitored = metrics.get("val_loss", metrics["loss"])
         improved = stopper.step(monitored, epoch)

@@ -99,7 +99,7 @@ def _trial(trial: dict[str, Any], *, setup: dict[str, Any]) -> None:
     from .dataset import ray_dataset
     from .plan import Plan
     from .tasks import get_task
-    from .train import EarlyStopping
+    from .train import EarlyStopping, train_epoch, val_sums
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
@@ -120,8 +120,7 @@ def _trial(trial: dict[str, Any], *, setup: dict[str, Any]) -> None:
     model = task.build_model(plan).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=float(trial["learning_rate"]))
     loss_fn = task.make_loss(plan)
-    use_amp = device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda") if use_amp else None
+    scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" else None
 
     train_ds = ray_dataset(setup["train_rows"], plan, params)
     val_ds = ray_dataset(setup["val_rows"], plan)
@@ -134,35 +133,10 @@ def _trial(trial: dict[str, Any], *, setup: dict[str, Any]) -> None:
     stopper = EarlyStopping(int(setup["patience"]))
     for epoch in range(epochs):
         t0 = time.time()
-        model.train()
-        loss_sum, n_seen = 0.0, 0
-        for _ in range(steps):
-            try:
-                batch = to_dev(next(it))
-            except StopIteration:
-                break
-            opt.zero_grad(set_to_none=True)
-            if use_amp:
-                with torch.autocast("cuda", dtype=torch.float16):
-                    loss = task.loss(model, batch, loss_fn)
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
-            else:
-                loss = task.loss(model, batch, loss_fn)
-                loss.backward()
-                opt.step()
-            b = batch["image"].shape[0]
-            loss_sum += float(loss.detach()) * b
-            n_seen += b
+        loss_sum, n_seen, _ = train_epoch(model, it, steps, task, loss_fn, opt, to_dev, scaler)
         if n_seen == 0:
             break
-        model.eval()
-        sums: dict[str, float] = {}
-        with torch.no_grad():
-            for vb in val_ds.iter_torch_batches(batch_size=bs):
-                for k, v in task.val_sums(model, to_dev(vb), loss_fn).items():
-                    sums[k] = sums.get(k, 0.0) + v
+        sums = val_sums(model, val_ds.iter_torch_batches(batch_size=bs), task, loss_fn, to_dev)
         metrics = {"epoch": epoch, "loss": loss_sum / n_seen, **task.val_summary(sums)}
         if not math.isfinite(metrics[METRIC]):
             metrics[METRIC] = float("inf")  # a diverged trial ranks last instead of failing the search
