@@ -70,6 +70,18 @@ class EarlyStopping:
         return {"best": self.best, "bad_epochs": self.bad_epochs, "best_epoch": self.best_epoch}
 
 
+def _console(msg: str) -> None:
+    """One line to the worker's stdout, which Ray streams to the driver's console.
+
+    Not ``print``: Ray Train patches it in workers to go to its logger *and*, when Ray has
+    wrapped ``sys.stdout``, to the stream as well, so every line showed twice."""
+    import sys
+
+    stream = sys.__stdout__ or sys.stdout
+    stream.write(msg + "\n")
+    stream.flush()
+
+
 def train_epoch(model, batches, steps: int, task, loss_fn, opt, to_dev, scaler=None) -> tuple[float, int, bool]:
     """``steps`` optimiser steps on batches drawn from the iterator ``batches`` (mixed precision
     when a CUDA ``scaler`` is given). Returns (sum of loss x batch size, samples seen, whether
@@ -138,13 +150,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     def log(msg: str) -> None:
         if rank != 0:
             return
-        print(msg, flush=True)
+        _console(msg)
         if log_path is not None and log_path.parent.exists():
             with open(log_path, "a") as f:
                 f.write(msg + "\n")
 
     node = ray.get_runtime_context().get_node_id()
-    print(f"worker {rank}/{world} on node {node[:12]} ({device})", flush=True)
+    _console(f"worker {rank}/{world} on node {node[:12]} ({device})")
     if log_path is not None and log_path.parent.exists():
         with open(log_path, "a") as f:  # every rank: shows where training ran
             f.write(f"worker {rank}/{world} on node {node}\n")
