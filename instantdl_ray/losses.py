@@ -25,7 +25,6 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from monai.losses import DiceCELoss, DiceLoss, FocalLoss, TverskyLoss
 
 from instantdl_ray.errors import ConfigError
 from instantdl_ray.registry import Registry, did_you_mean
@@ -150,6 +149,8 @@ def _monai_seg(cls, num_classes: int, **kwargs) -> LossFn:
 @LOSSES.register("dice", aliases=("dice_loss", "dice loss"))
 def dice(num_classes: int) -> LossFn:
     """Soft Dice loss (MONAI ``DiceLoss``), segmentation only."""
+    from monai.losses import DiceLoss  # MONAI on first use: validating a config needs only the names
+
     return _monai_seg(DiceLoss, num_classes)
 
 
@@ -162,6 +163,8 @@ def dice_crossentropy(num_classes: int) -> LossFn:
     The default for semantic segmentation: cross-entropy gives stable early gradients,
     Dice counters the foreground/background imbalance of microscopy masks.
     """
+    from monai.losses import DiceCELoss
+
     return _monai_seg(DiceCELoss, num_classes)
 
 
@@ -172,6 +175,8 @@ def tversky(num_classes: int) -> LossFn:
     At alpha = beta = 0.5 it would equal Dice; weighting false negatives more is why one picks
     Tversky (small structures, Salehi et al. 2017, whose recommended values these are).
     """
+    from monai.losses import TverskyLoss
+
     return _monai_seg(TverskyLoss, num_classes, alpha=0.3, beta=0.7)
 
 
@@ -181,6 +186,8 @@ def focal(num_classes: int) -> LossFn:
 
     Works for segmentation ``(N, K, ...)`` and classification ``(N, K)``.
     """
+    from monai.losses import FocalLoss
+
     if num_classes == 1:
         fn = FocalLoss(gamma=2.0, use_softmax=False)
     else:
