@@ -89,3 +89,21 @@ def test_ray_datasets_carry_the_executor_step_rate_limit(ray_session):
                 loss="binary_crossentropy", dropout=0.0)
     ds = ray_dataset([{"image": "x.tif", "target": "", "origin": [0, 0], "seed": 0}], plan, None)
     assert StepRateLimit in ds.context.custom_execution_callback_classes
+
+
+def test_local_ray_starts_without_dashboard_unless_asked(monkeypatch):
+    import ray
+
+    from instantdl_ray.config import from_dict
+
+    calls = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    _ray.init(num_cpus=2)
+    _ray.init(num_cpus=2, dashboard=True)
+    _ray.init("127.0.0.1:6379")
+    assert calls[0]["include_dashboard"] is False and calls[1]["include_dashboard"] is True
+    assert "include_dashboard" not in calls[2] and calls[2]["address"] == "127.0.0.1:6379"
+    cfg = from_dict({"use_algorithm": "semantic", "path": ".", "ray": {"dashboard": True}})
+    assert cfg.ray.dashboard is True
