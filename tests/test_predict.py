@@ -89,6 +89,9 @@ def test_mc_passes_are_batched_not_looped():
 
     mc_samples(Counter(), torch.zeros(2, 1, 4, 4), passes=20, max_batch=40)
     assert calls == [40]
+    calls.clear()  # the CPU default: batches of 4 tile-passes (2 passes of 2 tiles), the last one short
+    out = mc_samples(Counter(), torch.zeros(2, 1, 4, 4), passes=5)
+    assert calls == [4, 4, 2] and out.shape == (5, 2, 1, 4, 4)
 
 
 def test_border_crossing_instance_comes_out_once():
