@@ -65,7 +65,12 @@ class Predictor:
 
         # batches from the object store are read-only views; torch wants writable memory
         x = torch.from_numpy(np.require(batch["image"], np.float32, ["C", "W"])).to(self.device)
-        out = self.task.predict_batch(self.model, x, self.passes)
+        if self.device.type == "cuda":  # mixed precision on GPU, as in training; stitching stays float32
+            with torch.autocast("cuda", dtype=torch.float16):
+                out = self.task.predict_batch(self.model, x, self.passes)
+            out = {k: v.astype(np.float32) if getattr(v, "dtype", None) == np.float16 else v for k, v in out.items()}
+        else:
+            out = self.task.predict_batch(self.model, x, self.passes)
         out["image_index"] = np.asarray(batch["image_index"])
         out["tile_index"] = np.asarray(batch["tile_index"])
         return out
