@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -33,7 +32,7 @@ import numpy as np
 
 from . import metrics as M
 from .errors import ConfigError, DataError
-from .read import infer_axes, open_array, read_instance_masks, read_raw
+from .read import atomic_path, infer_axes, open_array, read_instance_masks, read_raw
 
 TASKS = ("semantic", "instance", "regression", "classification")
 _TASK_ALIASES = {
@@ -847,10 +846,8 @@ def _jsonable(x: Any) -> Any:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    fd, tmp = tempfile.mkstemp(suffix=".json", dir=path.parent, prefix=".tmp-")
-    with os.fdopen(fd, "w") as f:
-        json.dump(_jsonable(obj), f, indent=2)
-    os.replace(tmp, path)
+    with atomic_path(path, ".json") as tmp:
+        tmp.write_text(json.dumps(_jsonable(obj), indent=2))
 
 
 def write_prediction_stack(path: Path, predictions: Sequence[str | Path]) -> Path:
@@ -908,10 +905,7 @@ def write_prediction_stack(path: Path, predictions: Sequence[str | Path]) -> Pat
 
     shape = (len(arrays),) + common
     nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".tif", dir=path.parent, prefix=".tmp-")
-    os.close(fd)
-    try:
+    with atomic_path(path, ".tif") as tmp:
         tifffile.imwrite(
             tmp,
             data=chunks(),
@@ -922,10 +916,6 @@ def write_prediction_stack(path: Path, predictions: Sequence[str | Path]) -> Pat
             tile=(tile, tile) if tiled else None,
             metadata={"axes": "Q" * (len(shape) - 2) + "YX"},
         )
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return path
 
 

@@ -218,8 +218,6 @@ def write_tiff_tiles(path: Path, arr) -> Path:
     """Write a lazily sliceable array ``(..., Y, X)`` (zarr) as a tiled BigTIFF from an iterator
     of ``TIFF_TILE``² tiles (one plane at a time, rows of tiles in order), atomically like
     ``read.write_tiff``: the file never holds more than one tile in RAM on the way."""
-    import tempfile
-
     import tifffile
 
     shape = tuple(arr.shape)
@@ -231,18 +229,8 @@ def write_tiff_tiles(path: Path, arr) -> Path:
                 for x in range(0, nx, TIFF_TILE):
                     yield np.asarray(arr[lead + (slice(y, y + TIFF_TILE), slice(x, x + TIFF_TILE))])
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".tif", dir=path.parent, prefix=".tmp-")
-    os.close(fd)
-    try:
+    with read.atomic_path(path, ".tif") as tmp:
         tifffile.imwrite(tmp, tiles(), shape=shape, dtype=arr.dtype, tile=(TIFF_TILE, TIFF_TILE), bigtiff=True)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return path
 
 

@@ -12,6 +12,8 @@ Supported layouts (``<root>/<split>/`` with split in ``train`` / ``test``):
 
 from __future__ import annotations
 
+import contextlib
+
 import csv
 import os
 import tempfile
@@ -334,18 +336,30 @@ def read_target(sample: Sample) -> np.ndarray:
 # ---------------------------------------------------------------- writers
 
 
+@contextlib.contextmanager
+def atomic_path(path: str | Path, suffix: str = ""):
+    """Yield a temporary path next to ``path``; on success it becomes ``path`` (rename, with the
+    usual permissions), on an exception it is removed. A crash never leaves a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=suffix or path.suffix, dir=path.parent, prefix=".tmp-")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def write_tiff(path: str | Path, array: np.ndarray, **kwargs: Any) -> Path:
     """Write atomically (temp file + rename), so a crash never leaves a half-written TIFF."""
     import tifffile
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".tif", dir=path.parent, prefix=".tmp-")
-    os.close(fd)
-    try:
+    with atomic_path(path, ".tif") as tmp:
         tifffile.imwrite(tmp, np.asarray(array), **kwargs)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return path

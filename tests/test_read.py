@@ -484,3 +484,21 @@ def test_write_tiff_failure_leaves_nothing(tmp_path, monkeypatch):
 def test_image_suffixes_cover_the_readers():
     assert set(read.IMAGE_SUFFIXES) == {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".npy", ".zarr"}
     assert read.is_image(Path("a.TIF")) and not read.is_image(Path(".hidden.png"))
+
+
+def test_atomic_writes_get_usual_permissions_and_leave_nothing_on_failure(tmp_path):
+    import os
+
+    from instantdl_ray import read
+
+    umask = os.umask(0o022)
+    try:
+        p = read.write_tiff(tmp_path / "a.tif", np.zeros((4, 4), np.uint8))
+        assert (p.stat().st_mode & 0o777) == 0o644
+        with pytest.raises(RuntimeError):
+            with read.atomic_path(tmp_path / "b.tif") as tmp:
+                tmp.write_bytes(b"half")
+                raise RuntimeError("crash while writing")
+    finally:
+        os.umask(umask)
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["a.tif"]
