@@ -412,18 +412,22 @@ def fit(cfg, plan: Plan, inv, run_dir: Path, resources, augment_params, resume: 
         return _export_best(Path(d), run_dir, st["history"])
 
 
-READ_AHEAD_BYTES = 256 * 2**20
+READ_AHEAD_BATCHES = 16
+READ_AHEAD_MIN = 32 * 2**20
+READ_AHEAD_MAX = 512 * 2**20
 
 
 def read_ahead_bytes(plan: Plan, batch_size: int) -> int:
-    """Object store budget of a training stream: 256 MiB, or 4 batches of tiles if more.
+    """Object store budget of a training stream: 16 batches of tiles, within [32, 512] MiB (and
+    never under 2 batches).
 
     Ray Data otherwise reads ahead up to its whole object store share; a run's stream holds every
-    epoch's rows, so it would read and augment many epochs ahead of the trainer (CPU taken from
-    training, and spilled tiles) — see ``benchmarks/train_overhead.py``.
+    epoch's rows, so it would read and augment many epochs ahead of the trainer, taking CPU from
+    training and holding (or spilling) GBs of tiles — see ``benchmarks/train_overhead.py``.
     """
-    per_tile = 4 * (plan.in_channels + max(1, plan.out_channels)) * int(np.prod(plan.tile_shape))
-    return int(max(READ_AHEAD_BYTES, 4 * batch_size * per_tile))
+    target_ch = 0 if plan.image_size is not None else max(1, plan.out_channels)  # classification: a label
+    batch = 4 * batch_size * (plan.in_channels + target_ch) * int(np.prod(plan.tile_shape))
+    return int(max(min(max(READ_AHEAD_BATCHES * batch, READ_AHEAD_MIN), READ_AHEAD_MAX), 2 * batch))
 
 
 def _data_config(plan: Plan, batch_size: int, names: list[str]):

@@ -68,15 +68,21 @@ def test_training_stream_reads_a_bounded_amount_ahead():
     """The stream holds every epoch's rows; Ray Data must not read and augment epochs ahead."""
     from types import SimpleNamespace
 
-    from instantdl_ray.train import READ_AHEAD_BYTES, _data_config, read_ahead_bytes
+    from instantdl_ray.train import READ_AHEAD_MAX, READ_AHEAD_MIN, _data_config, read_ahead_bytes
 
-    small = SimpleNamespace(in_channels=1, out_channels=1, tile_shape=[256, 256])
-    assert read_ahead_bytes(small, 4) == READ_AHEAD_BYTES
-    big = SimpleNamespace(in_channels=2, out_channels=2, tile_shape=[64, 256, 256])
-    assert read_ahead_bytes(big, 8) == 4 * 8 * 4 * 4 * 64 * 256 * 256  # 4 batches of image + target
-    dc = _data_config(small, 4, ["train", "val"])
+    unet = SimpleNamespace(in_channels=1, out_channels=1, tile_shape=[256, 256], image_size=None)
+    assert read_ahead_bytes(unet, 4) == 16 * 4 * 4 * 2 * 256 * 256  # 16 batches of image + target: 32 MiB
+    tiny = SimpleNamespace(in_channels=1, out_channels=1, tile_shape=[32, 32], image_size=None)
+    assert read_ahead_bytes(tiny, 4) == READ_AHEAD_MIN
+    cls = SimpleNamespace(in_channels=3, out_channels=8, tile_shape=[128, 128], image_size=[128, 128])
+    assert read_ahead_bytes(cls, 16) == 16 * 16 * 4 * 3 * 128 * 128  # no pixel target for classification
+    big = SimpleNamespace(in_channels=2, out_channels=2, tile_shape=[64, 256, 256], image_size=None)
+    assert read_ahead_bytes(big, 2) == READ_AHEAD_MAX
+    huge = SimpleNamespace(in_channels=2, out_channels=2, tile_shape=[128, 512, 512], image_size=None)
+    assert read_ahead_bytes(huge, 8) == 2 * 8 * 4 * 4 * 128 * 512 * 512  # at least two batches
+    dc = _data_config(unet, 4, ["train", "val"])
     for name in ("train", "val"):
-        assert dc._resolve_execution_options(name).resource_limits.object_store_memory == READ_AHEAD_BYTES
+        assert dc._resolve_execution_options(name).resource_limits.object_store_memory == read_ahead_bytes(unet, 4)
 
 
 def test_ray_datasets_carry_the_executor_step_rate_limit(ray_session):
