@@ -2,7 +2,7 @@
 
 Run (from the repository root, venv active)::
 
-    python benchmarks/train_overhead.py            # full: U-Net + ResNet50, runs a,b,a,b (~25 min on 2 cores)
+    python benchmarks/train_overhead.py            # full: U-Net + ResNet50, runs a,b,a,b (~30 min on 2 idle cores)
     python benchmarks/train_overhead.py --quick    # smoke: tiny data, one a,b pair per model (~2 min)
 
 Same model, data rows, batch size, epochs, seed and torch thread count, trained by
@@ -10,8 +10,8 @@ Same model, data rows, batch size, epochs, seed and torch thread count, trained 
 (a) ``plain``: a ``torch.utils.data.DataLoader`` loop (``--loader-workers`` 1 by default) whose
     dataset calls the package's own ``dataset.ReadTiles`` (same files, same percentile
     normalisation) and ``augment.augment_batch`` (same augmentations, same per-row seeds), and a
-    training step identical to ``train.train_loop_per_worker`` (``task.loss``, Adam,
-    ``float(loss)`` per step) — no validation, no checkpoints;
+    training step of the package (``train.train_epoch``: ``task.loss``, Adam, ``float(loss)``
+    per step) — no validation, no checkpoints;
 (b) ``pipeline``: the package's training path itself, ``instantdl_ray.train.fit`` (spec rows ->
     Ray Data ``ReadTiles`` -> ``augment_batch`` -> Ray Train ``TorchTrainer`` with one worker,
     resources from ``_ray.plan_resources``, a checkpoint every epoch as in a real run). The worker
@@ -23,11 +23,15 @@ Both use ``validation_split: 0`` so the epoch is pure training in both. Runs alt
 images/s (epochs after the first), time from start (model/loader or ``fit`` call; Ray itself is
 already up) to the end of the first epoch, CPU seconds per role (driver, train worker, the Ray
 Data ``SplitCoordinator`` actor that runs the streaming executor, data tasks), and finally
-``model=<m> ratio=<pipeline/plain steady-state throughput>``.
+``model=<m> ratio=<pipeline/plain steady-state throughput>`` (the median over rounds of the
+ratio of the two runs of a round: background load drifts slowly, so neighbours see alike).
 
-``--variants as_is,throttle`` adds a pipeline variant with a Ray Data execution callback that
-sleeps 20 ms in a scheduling step when no data task is running (see benchmarks/README.md: the
-streaming executor otherwise spins a CPU while the trainer is the bottleneck).
+``--variants as_is,unfixed`` adds the package as it was before the fix found with this script
+(see benchmarks/README.md): no cap on Ray Data's scheduling loop (``dataset.StepRateLimit``; without
+it the streaming executor in the ``SplitCoordinator`` actor busy-spins a CPU whenever the trainer is
+the bottleneck, i.e. always on CPU) and Ray Data's default read-ahead instead of
+``train.read_ahead_bytes`` (by default it prefetches up to its whole object store budget: with small
+rows, every epoch of the run in the first minutes).
 """
 
 from __future__ import annotations
@@ -76,7 +80,7 @@ def make_synthetic_classification(root: Path, n: int = 64, side: int = 360, clas
 class Setup:
     """Config, inventory (train split cut to ``images``), plan and spec rows for one model."""
 
-    def __init__(self, model: str, quick: bool, images: int | None, epochs: int, tmp: Path):
+    def __init__(self, model: str, quick: bool, images: int | None, epochs: int, dataset_epochs: int, tmp: Path):
         from instantdl_ray import config as cfgmod
         from instantdl_ray.augment import AugmentParams
         from instantdl_ray.dataset import training_rows
@@ -89,7 +93,7 @@ class Setup:
             real = _common.SHARED_DATA / "dsb2018_fluo256" / "semantic"
             path = real if real.is_dir() and not quick else _common.EXAMPLE_DATA
             raw = {"use_algorithm": "SemanticSegmentation", "path": str(path), "batchsize": 4}
-            default_images = 8 if quick else 120
+            default_images = 8 if quick else 60
         else:
             real = _common.SHARED_DATA / "pbc_blood"
             if real.is_dir() and not quick:
@@ -98,8 +102,10 @@ class Setup:
                 path = make_synthetic_classification(tmp / "synthetic_cls", n=16 if quick else 256)
             raw = {"use_algorithm": "Classification", "path": str(path), "batchsize": 8 if quick else 16,
                    "image_size": 64 if quick else 128, "data_gen_args": {"rotation_range": 180}}
-            default_images = 16 if quick else 320
-        raw.update({"iterations_over_dataset": epochs, "validation_split": 0.0, "seed": 42,
+            default_images = 16 if quick else 160
+        # the data stream holds ``dataset_epochs`` epochs of rows, as in a real run (default 50 =
+        # iterations_over_dataset's default); both paths stop after ``epochs``
+        raw.update({"iterations_over_dataset": dataset_epochs, "validation_split": 0.0, "seed": 42,
                     "calculate_uncertainty": False, "evaluation": False})
         self.cfg = cfgmod.from_dict(raw, base_dir=_common.REPO)
         self.data = str(path)
@@ -113,14 +119,16 @@ class Setup:
         self.epochs = epochs
         by_name = {str(s.image): s for s in inv.samples["train"]}
         samples = [by_name[n] for n in self.plan.train_names]
-        self.rows = training_rows(samples, inv.image_shapes, self.plan, self.cfg.seed, range(epochs),
+        self.rows = training_rows(samples, inv.image_shapes, self.plan, self.cfg.seed, range(dataset_epochs),
                                   self.cfg.tiles_per_image)
-        self.rows_per_epoch = len(self.rows) // epochs
+        self.rows_per_epoch = len(self.rows) // dataset_epochs
+        self.dataset_epochs = dataset_epochs
         self.batch_size = self.cfg.batchsize
 
     def describe(self) -> str:
         return (f"{self.plan.model} ({self.plan.task}) on {self.data}: {self.rows_per_epoch} images/epoch of "
-                f"{self.plan.tile_shape}, batch {self.batch_size}, {self.epochs} epochs, "
+                f"{self.plan.tile_shape}, batch {self.batch_size}, {self.epochs} epochs timed (stream of "
+                f"{self.dataset_epochs} epochs), "
                 f"augment {[k for k, v in self.params.to_dict().items() if v and k in ('horizontal_flip', 'vertical_flip', 'rotation_range')]}")
 
 
@@ -163,6 +171,8 @@ class RowsDataset:
 def run_plain(setup: Setup, threads: int, loader_workers: int) -> dict:
     import torch
 
+    from instantdl_ray.train import train_epoch
+
     torch.set_num_threads(threads)
     t0 = time.time()
     torch.manual_seed(setup.cfg.seed)
@@ -177,21 +187,8 @@ def run_plain(setup: Setup, threads: int, loader_workers: int) -> dict:
     steps = max(1, math.ceil(setup.rows_per_epoch / bs))
     it = iter(loader)
     ends = []
-    model.train()
-    for _ in range(setup.epochs):
-        loss_sum, n = 0.0, 0
-        for _ in range(steps):
-            try:
-                batch = next(it)
-            except StopIteration:
-                break
-            opt.zero_grad(set_to_none=True)
-            loss = setup.task.loss(model, batch, loss_fn)
-            loss.backward()
-            opt.step()
-            b = batch["image"].shape[0]
-            loss_sum += float(loss.detach()) * b
-            n += b
+    for _ in range(setup.epochs):  # the package's own training step (train.train_epoch), no DDP
+        loss_sum, n, _ = train_epoch(model, it, steps, setup.task, loss_fn, opt, lambda b: b)
         ends.append(time.time())
     del it, loader
     return {"t0": t0, "ends": ends, "last_loss": loss_sum / max(n, 1)}
@@ -200,9 +197,11 @@ def run_plain(setup: Setup, threads: int, loader_workers: int) -> dict:
 # ---------------------------------------------------------------- (b) the pipeline
 
 
-def timed_loop(stamp_path: str):
-    """``train_loop_per_worker`` wrapped to time-stamp every ``ray.train.report`` (defined here
-    in ``__main__`` so Ray pickles it by value; the wrapped loop is the package's, unchanged)."""
+def timed_loop(stamp_path: str, stop_after: int):
+    """``train_loop_per_worker`` wrapped to time-stamp every ``ray.train.report`` and to end
+    training after ``stop_after`` epochs (as if the run were cut short; the stream still holds
+    all configured epochs). Defined in ``__main__`` so Ray pickles it by value; the wrapped loop
+    is the package's, unchanged."""
 
     def loop(config):
         import json as _json
@@ -213,6 +212,10 @@ def timed_loop(stamp_path: str):
         from instantdl_ray.train import train_loop_per_worker
 
         orig = ray.train.report
+        done = []
+
+        class _Stop(Exception):
+            pass
 
         def report(metrics, *args, **kwargs):
             t = _time.time()
@@ -220,53 +223,43 @@ def timed_loop(stamp_path: str):
             with open(stamp_path, "a") as f:
                 f.write(_json.dumps({"epoch": metrics.get("epoch"), "epoch_time_s": metrics.get("epoch_time_s"),
                                      "loss": metrics.get("loss"), "t_report": t, "t_end": _time.time()}) + "\n")
+            done.append(1)
+            if len(done) >= stop_after:
+                raise _Stop()
 
         ray.train.report = report
         with open(stamp_path, "a") as f:
             f.write(_json.dumps({"worker_start": _time.time()}) + "\n")
         try:
             train_loop_per_worker(config)
+        except _Stop:
+            pass
         finally:
             ray.train.report = orig
 
     return loop
 
 
-def idle_throttle_class():
-    """A Ray Data ExecutionCallback: sleep 20 ms in a scheduling step in which no task runs."""
-    from ray.data._internal.execution.execution_callback import ExecutionCallback
-
-    class IdleThrottle(ExecutionCallback):
-        def on_execution_step(self, executor):
-            import time as _time
-
-            topology = getattr(executor, "_topology", None) or {}
-            if not any(op.num_active_tasks() for op in topology):
-                _time.sleep(0.02)
-
-    return IdleThrottle
-
-
 def run_pipeline(setup: Setup, resources, variant: str, tmp: Path) -> dict:
-    import ray
-
     from instantdl_ray import train as train_mod
 
     run_dir = Path(tempfile.mkdtemp(prefix="pipe-", dir=tmp))
     stamp = run_dir / "stamps.jsonl"
-    ctx = ray.data.DataContext.get_current()
-    saved_callbacks = list(ctx.custom_execution_callback_classes)
-    if variant == "throttle":
-        ctx.custom_execution_callback_classes = saved_callbacks + [idle_throttle_class()]
+    from instantdl_ray import dataset as dataset_mod
+
+    saved = dataset_mod.StepRateLimit, train_mod._data_config
+    if variant == "unfixed":  # the package before the fix: no step-rate cap, Ray Data's default read-ahead
+        dataset_mod.StepRateLimit = None
+        train_mod._data_config = lambda *a, **k: None
     orig = train_mod.train_loop_per_worker
-    train_mod.train_loop_per_worker = timed_loop(str(stamp))
+    train_mod.train_loop_per_worker = timed_loop(str(stamp), setup.epochs)
     try:
         t0 = time.time()
         train_mod.fit(setup.cfg, setup.plan, setup.inv, run_dir, resources, setup.params, log=lambda m: None)
         t_fit_end = time.time()
     finally:
         train_mod.train_loop_per_worker = orig
-        ctx.custom_execution_callback_classes = saved_callbacks
+        dataset_mod.StepRateLimit, train_mod._data_config = saved
     recs = [json.loads(line) for line in stamp.read_text().splitlines()]
     epochs = [r for r in recs if "t_end" in r]
     out = {"t0": t0, "ends": [r["t_end"] for r in epochs],
@@ -296,15 +289,17 @@ def bench_model(model: str, args, tmp: Path) -> dict:
     from instantdl_ray import _ray
     from instantdl_ray.config import RayConfig
 
-    setup = Setup(model, args.quick, args.images, args.epochs, tmp)
+    setup = Setup(model, args.quick, args.images, args.epochs, args.dataset_epochs, tmp)
     cpus, gpus = _ray.cluster_resources()
     resources = _ray.plan_resources(setup.cfg.ray, cpus, gpus)
     if args.pipeline_threads:
         resources.torch_threads = args.pipeline_threads
     threads = args.plain_threads or resources.torch_threads
+    nice = _common.ray_worker_niceness() if args.plain_nice is None else args.plain_nice
     print(f"\n=== {setup.describe()}", flush=True)
     print(f"    Ray: {cpus:g} CPUs; pipeline worker {resources.cpus_per_worker:g} CPU, torch_threads "
-          f"{resources.torch_threads}; plain loop torch threads {threads}, DataLoader workers {args.loader_workers}",
+          f"{resources.torch_threads} (nice {_common.ray_worker_niceness()}); plain loop torch threads {threads}, "
+          f"DataLoader workers {args.loader_workers}, nice {nice}",
           flush=True)
     variants = ["plain"] + [f"pipeline:{v}" for v in args.variants.split(",")]
     results: dict[str, list[dict]] = {v: [] for v in variants}
@@ -314,18 +309,20 @@ def bench_model(model: str, args, tmp: Path) -> dict:
             with _common.CpuSampler() as cpu:
                 t_run = time.time()
                 if v == "plain":
-                    raw = run_plain(setup, threads, args.loader_workers)
+                    with _common.Niceness(nice):
+                        raw = run_plain(setup, threads, args.loader_workers)
                 else:
                     raw = run_pipeline(setup, resources, v.split(":")[1], tmp)
                 wall = time.time() - t_run
             s = summarize(raw, setup.rows_per_epoch)
-            s.update(wall_s=round(wall, 1), cpu_s=cpu.by_role(), load=os.getloadavg()[0])
+            s.update(wall_s=round(wall, 1), cpu_s=cpu.by_role(), cpu_s_ray_other=cpu.top_other(),
+                     load=os.getloadavg()[0])
             if v != "plain":
                 s.update({k: raw[k] for k in ("epoch_compute_s", "report_s", "fit_return_s")})
                 s["worker_start_s"] = round(raw["worker_start"] - raw["t0"], 1) if raw["worker_start"] else None
             results[v].append(s)
             print(f"    {v}: steady {s['steady_img_s']} img/s, first epoch {s['first_epoch_s']} s, epochs {s['epoch_s']}, "
-                  f"wall {s['wall_s']} s, cpu-s {s['cpu_s']}, load {s['load']:.1f}"
+                  f"wall {s['wall_s']} s, cpu-s {s['cpu_s']} (ray_other: {s['cpu_s_ray_other']}), load {s['load']:.1f}"
                   + (f", worker-measured epoch compute {s['epoch_compute_s']} s, checkpoint+report {s['report_s']} s, "
                      f"worker up after {s['worker_start_s']} s" if v != "plain" else ""), flush=True)
 
@@ -333,7 +330,7 @@ def bench_model(model: str, args, tmp: Path) -> dict:
         xs = [r[key] for r in results[v] if r[key] is not None]
         return round(float(np.mean(xs)), 2) if xs else None
 
-    summary = {"model": model, "setup": setup.describe(), "torch_threads": threads,
+    summary = {"model": model, "setup": setup.describe(), "torch_threads": threads, "plain_nice": nice,
                "loader_workers": args.loader_workers, "runs": results}
     print(f"\n  {model}: steady-state img/s (mean of {args.rounds}) and time to first finished epoch:")
     for v in variants:
@@ -342,7 +339,14 @@ def bench_model(model: str, args, tmp: Path) -> dict:
     base = summary["plain"]["steady_img_s"]
     for v in variants[1:]:
         r = summary[v]["steady_img_s"] / base if base and summary[v]["steady_img_s"] else float("nan")
-        summary[v]["ratio"] = round(r, 3)
+        summary[v]["ratio_of_means"] = round(r, 3)
+        # paired by round (runs next to each other see similar background load), then the median
+        paired = [b["steady_img_s"] / a["steady_img_s"] for a, b in zip(results["plain"], results[v])
+                  if a["steady_img_s"] and b["steady_img_s"]]
+        summary[v]["paired_ratios"] = [round(x, 3) for x in paired]
+        summary[v]["ratio"] = round(float(np.median(paired)), 3) if paired else float("nan")
+        print(f"    {v}: per-round ratios {summary[v]['paired_ratios']}, median {summary[v]['ratio']}, "
+              f"ratio of means {summary[v]['ratio_of_means']}")
     main_v = variants[1]
     summary["ratio"] = summary[main_v]["ratio"]
     for v in variants[2:]:
@@ -355,13 +359,18 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="tiny data, 2 epochs, one a,b pair per model")
     p.add_argument("--models", default="unet,resnet50", help="comma list of unet, resnet50")
-    p.add_argument("--images", type=int, help="training images per epoch (default 120 U-Net / 320 ResNet50)")
+    p.add_argument("--images", type=int, help="training images per epoch (default 60 U-Net / 160 ResNet50)")
     p.add_argument("--epochs", type=int, help="epochs per run; the first is excluded from steady state (default 3)")
     p.add_argument("--rounds", type=int, help="a,b rounds (default 2)")
+    p.add_argument("--dataset-epochs", type=int, default=50,
+                   help="epochs of rows in the data stream (a real run's iterations_over_dataset; default 50)")
+    p.add_argument("--plain-nice", type=int,
+                   help="niceness of the plain loop (default: Ray's worker niceness, $RAY_worker_niceness or 15, "
+                        "so both paths compete alike with background load)")
     p.add_argument("--loader-workers", type=int, default=1, help="DataLoader num_workers of the plain loop (0 or 1)")
     p.add_argument("--plain-threads", type=int, help="torch threads of the plain loop (default: the planned torch_threads)")
     p.add_argument("--pipeline-threads", type=int, help="override the planned torch_threads of the Ray worker")
-    p.add_argument("--variants", default="as_is", help="pipeline variants: as_is and/or throttle")
+    p.add_argument("--variants", default="as_is", help="pipeline variants: as_is (the package), unfixed (without the read-ahead bound and step cap)")
     p.add_argument("--json", help="write all numbers to this file")
     args = p.parse_args(argv)
     args.epochs = args.epochs or (2 if args.quick else 3)
