@@ -55,16 +55,17 @@ def machine() -> str:
     return f"{os.cpu_count()} CPU cores, {mem / 2**30:.0f} GiB RAM, {gpu}"
 
 
-def start_ray(num_cpus: int | None = None):
-    """Start a new local Ray in this process (``address='local'``: never joins a running one)."""
+def start_ray(num_cpus: int | None = None, dashboard: bool = False):
+    """Start a new local Ray in this process (``address='local'``: never joins a running one), with
+    the dashboard when the package would start one (``run`` with training: ``dashboard=True``)."""
     import logging
 
     import ray
 
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     if not ray.is_initialized():
-        # the same arguments as instantdl_ray._ray.init (dashboard off, its default), plus address="local"
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING,
+        # the same arguments as instantdl_ray._ray.init, plus address="local"
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard, logging_level=logging.WARNING,
                  log_to_driver=True)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False

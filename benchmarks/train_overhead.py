@@ -380,7 +380,7 @@ def main(argv=None) -> int:
     print(f"load before: {_common.uptime()}", flush=True)
     tmp = Path(tempfile.mkdtemp(prefix="bench-train-overhead-"))
     t = time.time()
-    _common.start_ray(num_cpus=os.cpu_count())
+    _common.start_ray(num_cpus=os.cpu_count(), dashboard=True)  # as `run` does for training
     print(f"Ray started in {time.time() - t:.1f} s (not counted in either path)", flush=True)
     out = {"machine": _common.machine(), "load_before": _common.uptime(), "args": vars(args), "models": {}}
     try:

@@ -32,8 +32,9 @@ class Resources:
 
 
 def init(address: str | None = None, num_cpus: int | None = None, dashboard: bool = False) -> None:
-    """Join ``address`` / ``$RAY_ADDRESS``, or start a local Ray sized to this machine (with Ray's
-    dashboard only when ``dashboard``: on a laptop it costs ~200 MiB and nothing here needs it)."""
+    """Join ``address`` / ``$RAY_ADDRESS``, or start a local Ray sized to this machine, with Ray's
+    dashboard only when ``dashboard`` (~200 MiB). Training needs it: Ray Train's placement-group
+    cleaner polls Ray's state API, which the dashboard serves, and warns every second without it."""
     import ray
 
     if ray.is_initialized():

@@ -71,7 +71,9 @@ class RayConfig(_Strict):
     max_failures: int = Field(2, ge=0)
     predict_actors: Optional[int] = Field(None, ge=1)  # None: one per free CPU/GPU
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"  # workers over nodes
-    dashboard: bool = False  # local Ray only: start Ray's dashboard (~200 MiB more; a cluster has its own)
+    # local Ray only: start Ray's dashboard. None: only when training (Ray Train's placement-group
+    # cleaner polls Ray's state API, which the dashboard serves); prediction runs without (~200 MiB less)
+    dashboard: Optional[bool] = None
 
 
 class AugmentConfig(_Strict):

@@ -93,7 +93,8 @@ def run(cfg: Config, out: str | Path | None = None, address: str | None = None, 
     t = time.time()
     from . import _ray
 
-    _ray.init(address or cfg.ray.address, num_cpus=num_cpus, dashboard=cfg.ray.dashboard)
+    dashboard = cfg.ray.dashboard if cfg.ray.dashboard is not None else cfg.iterations_over_dataset > 0
+    _ray.init(address or cfg.ray.address, num_cpus=num_cpus, dashboard=dashboard)
     cpus, gpus = _ray.cluster_resources()
     resources = _ray.plan_resources(cfg.ray, cpus, gpus)
     log.stage("ray_start", t)
@@ -226,7 +227,7 @@ def predict_new(run_dir: str | Path, inputs: str | Path, out: str | Path | None 
     log = RunLog(out_dir / "predict.log")
     for s in samples:
         plan.image_norm.setdefault(str(s.image), image_percentiles(s.image, plan.axes))
-    _ray.init(address or cfg.ray.address, dashboard=cfg.ray.dashboard)
+    _ray.init(address or cfg.ray.address, dashboard=bool(cfg.ray.dashboard))  # prediction: no Ray Train
     cpus, gpus = _ray.cluster_resources()
     resources = _ray.plan_resources(cfg.ray, cpus, gpus)
     records = predict(cfg, plan, samples, shapes, model_path, out_dir, resources, log=log)

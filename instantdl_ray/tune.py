@@ -226,7 +226,7 @@ def tune(
     val_samples = [by_name[n] for n in plan.val_names]
     rows = training_rows(train_samples, inv.image_shapes, plan, cfg.seed, range(epochs), cfg.tiles_per_image)
 
-    _ray.init(address or cfg.ray.address, num_cpus=num_cpus, dashboard=cfg.ray.dashboard)
+    _ray.init(address or cfg.ray.address, num_cpus=num_cpus, dashboard=bool(cfg.ray.dashboard))  # trials use Ray Tune + Ray Data, not Ray Train
     cpus, gpus = _ray.cluster_resources()
     if cfg.ray.use_gpu and gpus < 1:
         raise ConfigError([f"ray.use_gpu: the cluster has no GPU ({cpus:g} CPUs); set ray.use_gpu=false"],

@@ -31,7 +31,7 @@ def ray_session():
     from instantdl_ray import _ray
 
     if not ray.is_initialized():
-        _ray.init(num_cpus=2)
+        _ray.init(num_cpus=2, dashboard=True)  # as `run` starts it for training
     yield ray
     ray.shutdown()
 

@@ -113,3 +113,4 @@ def test_local_ray_starts_without_dashboard_unless_asked(monkeypatch):
     assert "include_dashboard" not in calls[2] and calls[2]["address"] == "127.0.0.1:6379"
     cfg = from_dict({"use_algorithm": "semantic", "path": ".", "ray": {"dashboard": True}})
     assert cfg.ray.dashboard is True
+    assert from_dict({"use_algorithm": "semantic", "path": "."}).ray.dashboard is None  # auto
