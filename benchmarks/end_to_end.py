@@ -2,7 +2,7 @@
 
 Run (from the repository root, venv active)::
 
-    python benchmarks/end_to_end.py            # full: configs/example_dsb2018_small.yaml as shipped (15 epochs)
+    python benchmarks/end_to_end.py            # full: configs/example_dsb2018_small.yaml as shipped (40 epochs)
     python benchmarks/end_to_end.py --quick    # the same with --set iterations_over_dataset=2
 
 Runs the README's example, ``python -m instantdl_ray run configs/example_dsb2018_small.yaml
