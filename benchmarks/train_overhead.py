@@ -287,7 +287,6 @@ def summarize(res: dict, images_per_epoch: int) -> dict:
 
 def bench_model(model: str, args, tmp: Path) -> dict:
     from instantdl_ray import _ray
-    from instantdl_ray.config import RayConfig
 
     setup = Setup(model, args.quick, args.images, args.epochs, args.dataset_epochs, tmp)
     cpus, gpus = _ray.cluster_resources()

@@ -8,6 +8,7 @@ One path for everything: a small image is one tile (padded), a slide is many.
 
 from __future__ import annotations
 
+import itertools
 import json
 from functools import lru_cache
 from pathlib import Path
@@ -157,8 +158,6 @@ def foreground_map(target: Any, target_axes: str, cell: Sequence[int]) -> np.nda
     grid = [max(1, -(-s // c)) for s, c in zip(spatial, cell)]
     out = np.zeros(grid, np.float32)
     step = [max(c, (FOREGROUND_BLOCK // c) * c) for c in cell]  # blocks aligned with cells
-    import itertools
-
     for starts in itertools.product(*[range(0, s, st) for s, st in zip(spatial, step)]):
         idx: list[Any] = [slice(None)] * len(shape)
         for k, a, st in zip(sp, starts, step):

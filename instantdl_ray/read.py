@@ -13,7 +13,6 @@ Supported layouts (``<root>/<split>/`` with split in ``train`` / ``test``):
 from __future__ import annotations
 
 import contextlib
-
 import csv
 import os
 import tempfile

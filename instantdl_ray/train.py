@@ -427,11 +427,11 @@ def read_ahead_bytes(plan: Plan, batch_size: int) -> int:
     """
     target_ch = 0 if plan.image_size is not None else max(1, plan.out_channels)  # classification: a label
     batch = 4 * batch_size * (plan.in_channels + target_ch) * int(np.prod(plan.tile_shape))
-    return int(max(min(max(READ_AHEAD_BATCHES * batch, READ_AHEAD_MIN), READ_AHEAD_MAX), 2 * batch))
+    return int(max(np.clip(READ_AHEAD_BATCHES * batch, READ_AHEAD_MIN, READ_AHEAD_MAX), 2 * batch))
 
 
 def _data_config(plan: Plan, batch_size: int, names: list[str]):
-    from ray.data import ExecutionOptions, ExecutionResources
+    from ray.data import ExecutionResources
     from ray.train import DataConfig
 
     opts = {}
