@@ -21,7 +21,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -51,7 +51,7 @@ class Predictor:
         if isinstance(state_dict, (bytes, bytearray, memoryview)):  # the checkpoint file's bytes
             import io
 
-            state_dict = torch.load(io.BytesIO(state_dict), map_location="cpu")
+            state_dict = load_state_dict(io.BytesIO(state_dict))
         self.plan = Plan.from_json(plan)
         self.task = get_task(self.plan.task)
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
@@ -76,7 +76,8 @@ class Predictor:
         return out
 
 
-def load_state_dict(path: Path) -> dict:
+def load_state_dict(path: Path | BinaryIO) -> dict:
+    """A saved state dict (a path or an open binary file), onto the CPU."""
     import torch
 
     return torch.load(path, map_location="cpu")
