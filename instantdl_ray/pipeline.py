@@ -14,6 +14,7 @@ from typing import Callable
 from . import config as config_mod
 from .config import Config
 from .plan import Plan, make_plan
+from .read import atomic_path
 from .validate import Inventory, validate
 
 RUN_STATE = "run.json"
@@ -63,9 +64,8 @@ def _set_state(run_dir: Path, **kw) -> None:
     path = run_dir / RUN_STATE
     state = json.loads(path.read_text()) if path.exists() else {}
     state.update(kw)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(state, indent=1))
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(state, indent=1))
 
 
 def run(cfg: Config, out: str | Path | None = None, address: str | None = None, resume: str | Path | None = None,

@@ -324,8 +324,7 @@ def _write_classification(s: read.Sample, out: dict) -> dict:
 
 
 def _write_predictions_csv(records: list[dict], plan: Plan, path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w", newline="") as f:
+    with read.atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["filename", "prediction"] + [f"prob_{c}" for c in plan.class_names]
                    + (["uncertainty"] if any(r["uncertainty"] is not None for r in records) else []))
@@ -334,4 +333,3 @@ def _write_predictions_csv(records: list[dict], plan: Plan, path: Path) -> None:
             if r["uncertainty"] is not None:
                 row.append(f"{r['uncertainty']:.6f}")
             w.writerow(row)
-    tmp.replace(path)

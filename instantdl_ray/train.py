@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import time
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from .plan import Plan
+from .read import atomic_path
 
 MODEL_FILE = "model.pt"  # current weights
 BEST_FILE = "best.pt"  # best weights so far
@@ -449,8 +449,8 @@ def _export_best(ckpt_dir: Path, run_dir: Path, history: list[dict]) -> Path:
     """Copy the best weights to ``run_dir/checkpoints/best/model.pt`` and the history to logs/."""
     best_dir = run_dir / "checkpoints" / "best"
     best_dir.mkdir(parents=True, exist_ok=True)
-    shutil.copy(ckpt_dir / BEST_FILE, best_dir / ".model.pt.tmp")
-    os.replace(best_dir / ".model.pt.tmp", best_dir / MODEL_FILE)
+    with atomic_path(best_dir / MODEL_FILE) as tmp:
+        shutil.copy(ckpt_dir / BEST_FILE, tmp)
     if history:
         import pandas as pd
 
