@@ -175,11 +175,17 @@ def foreground_map(target: Any, target_axes: str, cell: Sequence[int]) -> np.nda
     return out
 
 
-def foreground_maps(samples: list[read.Sample], plan: Plan) -> dict[str, np.ndarray]:
-    """``foreground_map`` of every sample's label, cells of a quarter tile per axis."""
+def foreground_maps(samples: list[read.Sample], shapes: dict[str, tuple[int, ...]], plan: Plan) -> dict[str, np.ndarray]:
+    """``foreground_map`` of the label of every sample larger than a tile (cells of a quarter tile
+    per axis); a tile already covers a smaller image, so its label is not read."""
     cell = [max(1, t // 4) for t in plan.tile_shape]
     return {str(s.image): foreground_map(s.groundtruth, plan.target_axes or "YX", cell) for s in samples
-            if s.groundtruth is not None and not isinstance(s.groundtruth, int)}
+            if s.groundtruth is not None and not isinstance(s.groundtruth, int)
+            and _larger_than_tile(spatial_shape(shapes[str(s.image)], plan.axes), plan.tile_shape)}
+
+
+def _larger_than_tile(spatial: Sequence[int], tile: Sequence[int]) -> bool:
+    return any(a > t for a, t in zip(spatial, tile))
 
 
 def tiles_per_image(spatial_shape: Sequence[int], tile: Sequence[int], configured: int | None) -> int:
@@ -221,7 +227,7 @@ def training_rows(
             sp = spatial_shape(shapes[str(s.image)], plan.axes)
             n = tiles_per_image(sp, plan.tile_shape, tiles) if plan.image_size is None else 1
             fg = foreground.get(str(s.image)) if foreground and foreground_fraction > 0 else None
-            if fg is not None and any(a > t for a, t in zip(sp, plan.tile_shape)):
+            if fg is not None and _larger_than_tile(sp, plan.tile_shape):
                 k = int(rng.binomial(n, foreground_fraction))
                 origins = [list(o) for o in random_tile_origins(sp, plan.tile_shape, k, rng, weights=fg)]
                 origins += _origins(sp, plan.tile_shape, n - k, rng)

@@ -357,7 +357,7 @@ def fit(cfg, plan: Plan, inv, run_dir: Path, resources, augment_params, resume: 
         from .dataset import foreground_maps
 
         t = time.time()
-        fg = foreground_maps(train_samples, plan)
+        fg = foreground_maps(train_samples, inv.image_shapes, plan)
         log(f"foreground maps of {len(fg)} label images in {time.time() - t:.1f} s: "
             f"{cfg.foreground_sampling:.0%} of the training tiles centred on labelled pixels")
     rows = training_rows(train_samples, inv.image_shapes, plan, cfg.seed, range(start_epoch, epochs), cfg.tiles_per_image,

@@ -249,3 +249,21 @@ def test_foreground_sampling_centres_tiles_on_sparse_labels():
     assert hits(uniform) < 10 and 150 < hits(half) < 250
     # the default (no maps) draws exactly the rows it drew before the option existed
     assert uniform == dataset.training_rows(samples, shapes, plan, 0, range(4), tiles=100, foreground={"a.tif": fg})
+
+
+def test_foreground_maps_read_only_labels_of_images_larger_than_a_tile(tmp_path):
+    from types import SimpleNamespace
+
+    import tifffile
+
+    from instantdl_ray import dataset, read
+
+    lab = np.zeros((200, 100), np.uint8)
+    lab[150, 50] = 1
+    tifffile.imwrite(tmp_path / "big_gt.tif", lab)
+    plan = SimpleNamespace(tile_shape=[64, 64], axes="YX", target_axes="YX")
+    samples = [read.Sample(name="big", image="big.tif", groundtruth=tmp_path / "big_gt.tif"),
+               read.Sample(name="small", image="small.tif", groundtruth=tmp_path / "missing.tif")]
+    maps = dataset.foreground_maps(samples, {"big.tif": (200, 100), "small.tif": (64, 64)}, plan)
+    assert list(maps) == ["big.tif"]  # the small image's label is never opened
+    assert set(map(tuple, np.argwhere(maps["big.tif"] > 0))) == {(9, 3)}
