@@ -62,10 +62,20 @@ def _wait(pred, timeout: float, proc: subprocess.Popen, log: Path):
     raise AssertionError(f"timed out:\n{log.read_text()[-3000:]}")
 
 
-def _descendants(root_pid: int) -> list[int]:
+def _processes() -> tuple[dict[int, int], dict[int, str]]:
+    """``ps``: pid -> parent pid, pid -> command line."""
+    out = subprocess.run(["ps", "-eo", "pid,ppid,args"], capture_output=True, text=True).stdout
+    parent, args = {}, {}
+    for line in out.splitlines()[1:]:
+        parts = line.strip().split(None, 2)
+        if len(parts) >= 2:
+            parent[int(parts[0])], args[int(parts[0])] = int(parts[1]), parts[2] if len(parts) == 3 else ""
+    return parent, args
+
+
+def _descendants(root_pid: int, parent: dict[int, int] | None = None) -> list[int]:
     """All processes descending from ``root_pid``."""
-    out = subprocess.run(["ps", "-eo", "pid,ppid"], capture_output=True, text=True).stdout
-    parent = {int(a): int(b) for a, b in (line.split() for line in out.splitlines()[1:])}
+    parent = parent if parent is not None else _processes()[0]
 
     def descends(pid: int) -> bool:
         while pid > 1:
@@ -79,21 +89,8 @@ def _descendants(root_pid: int) -> list[int]:
 
 def _worker_pids(root_pid: int) -> list[int]:
     """PIDs of Ray Train worker processes descending from ``root_pid`` (the driver we started)."""
-    out = subprocess.run(["ps", "-eo", "pid,ppid,args"], capture_output=True, text=True).stdout
-    parent, args = {}, {}
-    for line in out.splitlines()[1:]:
-        parts = line.strip().split(None, 2)
-        if len(parts) == 3:
-            parent[int(parts[0])], args[int(parts[0])] = int(parts[1]), parts[2]
-
-    def descends(pid: int) -> bool:
-        while pid > 1:
-            if pid == root_pid:
-                return True
-            pid = parent.get(pid, 0)
-        return False
-
-    return [p for p, a in args.items() if "RayTrainWorker" in a and descends(p)]
+    parent, args = _processes()
+    return [p for p in _descendants(root_pid, parent) if "RayTrainWorker" in args[p]]
 
 
 @pytest.mark.timeout(420)
