@@ -159,7 +159,7 @@ class RowsDataset:
                  "origin": np.array([r["origin"]]), "seed": np.array([r["seed"]], dtype=np.int64)}
         if "label" in r:
             batch["label"] = np.array([r["label"]], dtype=np.int64)
-        out = augment_batch(self.reader(batch), self.params, target_kind=self.kind, normalize_first=False)
+        out = augment_batch(self.reader(batch), self.params, target_kind=self.kind)
         item = {"image": torch.from_numpy(np.ascontiguousarray(out["image"][0]))}
         if "target" in out:
             item["target"] = torch.from_numpy(np.ascontiguousarray(out["target"][0]))

@@ -4,16 +4,16 @@ Layout of this module, from the bottom up:
 
 1. One pure function per augmentation (``flip``, ``rotate``, ``zoom``, ``gaussian_blur``,
    ``adjust_contrast``, ``adjust_brightness``, ``gamma_shift``, ``poisson_noise``,
-   ``threshold_background``, ``binarize``, ``std_normalize``, ``feature_scale``, ``resample``).
+   ``threshold_background``, ``binarize``, ``resample``).
    Arrays follow the package convention: image ``(C, Y, X)`` or ``(C, Z, Y, X)`` float32, target
    ``(Ct, <same spatial>)`` or ``None``. Every random quantity is an argument, so these functions
    are deterministic.
 2. ``AugmentParams``: InstantDL's ``data_gen_args`` keys (its spelling, ``poission_noise`` typo
    included) parsed once into a frozen dataclass.
-3. ``normalize`` (deterministic, also used at prediction time), ``prepare_target`` (deterministic
+3. ``clean_target`` (deterministic
    target clean-up, also used at evaluation time) and ``augment`` (random, training only; draws
    everything from an explicit ``np.random.Generator``).
-4. ``augment_batch`` / ``normalize_batch``: what Ray Data's ``map_batches(batch_format="numpy")``
+4. ``augment_batch``: what Ray Data's ``map_batches(batch_format="numpy")``
    calls. Each row carries its own seed, so results do not depend on how Ray cuts batches.
 5. ``save_examples``: PNG previews for ``save_augmented_images``.
 
@@ -40,11 +40,12 @@ key                                 meaning
                                     random with probability ``prob`` (an augmentation, as in
                                     InstantDL; the raw image is used at prediction)
 ``threshold_background_groundtruth`` target values below 0.8 * channel mean set to 0 (InstantDL's
-                                    0.8); deterministic, see ``prepare_target``
-``binarize_mask``                   target > 0 -> 1; deterministic, see ``prepare_target``; also
+                                    0.8 of the whole image's mean); see ``clean_target``
+``binarize_mask``                   target > 0 -> 1; see ``clean_target``; also
                                     forces nearest-neighbour interpolation of the target
-``std_normalization``               per image and channel: zero mean, unit std (``normalize``)
-``feature_scaling``                 per image and channel: min-max to [0, 1] (``normalize``)
+``std_normalization``               per image and channel: zero mean, unit std (statistics of the
+                                    whole image from the plan, ``plan.image_percentiles``)
+``feature_scaling``                 per image and channel: min-max to [0, 1] (likewise)
 ``resample_images``                 kept as given (bool / int / tuple of ints); the reader resamples
                                     to the planned shape with ``resample`` before tiling
 ``save_augmented_images``           kept; the caller writes previews with ``save_examples``
@@ -394,29 +395,6 @@ def binarize(target: np.ndarray) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------
-# deterministic per-image normalisation (training and prediction)
-
-
-def std_normalize(image: np.ndarray) -> np.ndarray:
-    """Per channel: zero mean, unit standard deviation. image (C, [Z,] Y, X) -> float32.
-    Channels are treated separately because stains/modalities have unrelated ranges; a constant
-    channel becomes 0."""
-    image = _as_image(image)
-    mean = _channel_stat(image, np.mean)
-    std = _channel_stat(image, np.std)
-    return ((image - mean) / np.maximum(std, _EPS)).astype(np.float32)
-
-
-def feature_scale(image: np.ndarray) -> np.ndarray:
-    """Per channel min-max scaling to [0, 1]. image (C, [Z,] Y, X) -> float32; constant channels
-    become 0."""
-    image = _as_image(image)
-    lo = _channel_stat(image, np.min)
-    span = _channel_stat(image, np.max) - lo
-    return ((image - lo) / np.maximum(span, _EPS)).astype(np.float32)
-
-
-# ---------------------------------------------------------------------------------------------
 # parameters
 
 
@@ -508,28 +486,24 @@ def sample_zoom(zoom_range: float, rng: np.random.Generator) -> float:
 # composed transforms
 
 
-def normalize(image: np.ndarray, params: AugmentParams) -> np.ndarray:
-    """The deterministic per-image normalisation, identical at training and prediction time.
+def clean_target(target: np.ndarray, params: AugmentParams, thresholds: Optional[Sequence[float]] = None) -> np.ndarray:
+    """The deterministic clean-up of a *raw* groundtruth (``threshold_background_groundtruth``,
+    ``binarize_mask``), in the groundtruth's own units, before any task scaling (z-scoring of
+    regression targets, label encodings). Applied identically wherever a target is read: training
+    and validation tiles (``dataset.ReadTiles``), the target statistics of the plan, and the
+    groundtruth at evaluation.
 
-    image (C, [Z,] Y, X) -> float32 same shape. ``feature_scaling`` then ``std_normalization``
-    (with both on, the z-score wins, as min-max scaling does not change it). Idempotent, so a
-    caller that normalises twice gets the same result.
+    target (Ct, [Z,] Y, X) -> same shape and dtype. ``thresholds``: per-channel background levels
+    of the whole image (``plan.target_thresholds``, 0.8 x its mean); without them the mean of
+    ``target`` itself is used (exact only when ``target`` is the whole image).
     """
-    image = _as_image(image)
-    if params.feature_scaling:
-        image = feature_scale(image)
-    if params.std_normalization:
-        image = std_normalize(image)
-    return image
-
-
-def prepare_target(target: np.ndarray, params: AugmentParams) -> np.ndarray:
-    """The deterministic target clean-up (``threshold_background_groundtruth``, ``binarize_mask``),
-    applied in ``augment`` and to be applied to groundtruth at evaluation too.
-    target (Ct, [Z,] Y, X) -> same shape and dtype."""
     target = np.asarray(target)
     if params.threshold_background_groundtruth:
-        target = threshold_background(target, GROUNDTRUTH_THRESHOLD_FACTOR)
+        if thresholds is None:
+            target = threshold_background(target, GROUNDTRUTH_THRESHOLD_FACTOR)
+        else:
+            t = np.asarray(thresholds, np.float64).reshape((-1,) + (1,) * (target.ndim - 1))
+            target = np.where(target < t, np.zeros((), dtype=target.dtype), target)
     if params.binarize_mask:
         target = binarize(target)
     return target
@@ -546,10 +520,11 @@ def augment(
 
     image (C, [Z,] Y, X) -> float32 same shape. target (Ct, [Z,] Y, X) for ``label`` /
     ``continuous`` (same spatial shape as the image) -> same shape and dtype; for ``none``
-    (classification) or None it is returned untouched. Does not call ``normalize``: callers
+    (classification) or None it is returned untouched. Images arrive normalised: callers
     normalise first so brightness/contrast act on the normalised scale the model sees.
 
-    Order: target clean-up (``prepare_target``); geometry (horizontal flip, vertical flip,
+    The target arrives cleaned (``clean_target``, applied by the reader on the raw target).
+    Order: geometry (horizontal flip, vertical flip,
     rotation, zoom) on image and target; intensity on the image only (blur, gamma, contrast,
     brightness, Poisson noise, background threshold). Each random step fires with probability
     ``params.prob``; random numbers are drawn only for enabled steps.
@@ -559,7 +534,7 @@ def augment(
     spatial = target is not None and target_kind != "none"
     tgt: Optional[np.ndarray] = None
     if spatial:
-        tgt = prepare_target(target, params)
+        tgt = np.asarray(target)
         if tgt.ndim != image.ndim:
             raise ValueError(
                 f"target shape {tgt.shape} must be (Ct, [Z,] Y, X) like image {image.shape}; "
@@ -635,9 +610,9 @@ def augment_batch(
     params: AugmentParams,
     target_kind: str = "label",
     seed_key: str = "seed",
-    normalize_first: bool = True,
 ) -> dict[str, np.ndarray]:
-    """``map_batches(batch_format="numpy")`` training transform: normalise, then augment.
+    """``map_batches(batch_format="numpy")`` training transform: augment tiles that the reader
+    has already normalised (``dataset.ReadTiles``, with per-image statistics from the plan).
 
     batch["image"]: (B, C, [Z,] Y, X) array, or an object array of B per-sample (C, ...) arrays
     when shapes differ; batch["target"]: the same for pixel tasks, (B,) class indices for
@@ -662,8 +637,6 @@ def augment_batch(
     out_imgs, out_tgts = [], []
     for img, tgt, seed in zip(img_rows, tgt_rows, seeds):
         rng = np.random.default_rng(int(seed))
-        if normalize_first:
-            img = normalize(img, params)
         img, tgt = augment(img, tgt, params, rng, target_kind)
         out_imgs.append(img)
         out_tgts.append(tgt)
@@ -672,15 +645,6 @@ def augment_batch(
     out["image"] = _pack(out_imgs, images)
     if not pass_target:
         out["target"] = _pack(out_tgts, batch["target"])
-    return out
-
-
-def normalize_batch(batch: dict[str, np.ndarray], params: AugmentParams) -> dict[str, np.ndarray]:
-    """Prediction-time counterpart of ``augment_batch``: ``normalize`` every batch["image"] row
-    ((B, C, ...) array or object array); other columns pass through."""
-    images = batch["image"]
-    out = dict(batch)
-    out["image"] = _pack([normalize(x, params) for x in _rows(images)], images)
     return out
 
 

@@ -85,13 +85,14 @@ class ReadTiles:
         self.task = get_task(self.plan.task)
         from .augment import AugmentParams
 
-        # per-image std-normalisation / feature scaling: applied identically in training and prediction
-        self.norm_params = AugmentParams.from_dict(self.plan.extra.get("augment", {}))
+        # raw-target clean-up (threshold_background_groundtruth, binarize_mask), before task scaling
+        self.target_params = AugmentParams.from_dict(self.plan.extra.get("augment", {}))
+        self.target_threshold = self.plan.extra.get("target_threshold", {})
 
     def _normalize(self, chw: np.ndarray, image: str) -> np.ndarray:
-        from .augment import normalize
-
-        return normalize(normalize_image(chw, self.plan.image_norm[image]), self.norm_params)
+        # whole-image statistics from the plan (percentiles, or min-max / z-score as configured):
+        # every tile of an image gets the same map, in training, validation and prediction
+        return normalize_image(chw, self.plan.image_norm[image])
 
     def read_image(self, image: str, origin: Sequence[int]) -> np.ndarray:
         p = self.plan
@@ -106,13 +107,16 @@ class ReadTiles:
             chw = np.repeat(chw, p.in_channels, axis=0)
         return resize(chw, p.image_size) if not self.task.pixelwise else chw
 
-    def read_target(self, target: str, origin: Sequence[int]) -> np.ndarray:
+    def read_target(self, target: str, origin: Sequence[int], image: str | None = None) -> np.ndarray:
+        from .augment import clean_target
+
         p = self.plan
         if target.startswith("["):
             lab = _instance_label(target)
             t = read_window(lab, "YX", origin, p.tile_shape)
         else:
             t = read_window(_open(target), p.target_axes, origin, p.tile_shape)
+        t = clean_target(t, self.target_params, self.target_threshold.get(image) if image else None)
         return self.task.prepare_target(t, p)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -121,7 +125,7 @@ class ReadTiles:
             origin = [int(v) for v in batch["origin"][i]]
             images.append(self.read_image(str(batch["image"][i]), origin))
             if self.with_target and self.task.pixelwise:
-                targets.append(self.read_target(str(batch["target"][i]), origin))
+                targets.append(self.read_target(str(batch["target"][i]), origin, str(batch["image"][i])))
         # only numeric scalar columns travel on (torch batches cannot hold lists or strings)
         out = {k: np.asarray(batch[k]) for k in PASS_THROUGH if k in batch}
         out["image"] = np.stack(images)
@@ -326,7 +330,7 @@ def ray_dataset(rows: list[dict], plan: Plan, augment_params=None, with_target: 
 
         kind = get_task(plan.task).target_kind
         ds = ds.map_batches(
-            augment_batch, fn_kwargs={"params": augment_params, "target_kind": kind or "none", "normalize_first": False},
+            augment_batch, fn_kwargs={"params": augment_params, "target_kind": kind or "none"},
             batch_size=rows_per_block, batch_format="numpy",
         )
     return ds

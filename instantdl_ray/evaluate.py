@@ -133,9 +133,10 @@ class Window:
     path: str
     keep: tuple[int, ...]
     ndim: int
+    clean: tuple = ()  # groundtruth: the run's raw-target clean-up, see ``clean_groundtruth``
 
     def __dask_tokenize__(self):
-        return (_file_token(Path(self.path)), self.keep)
+        return (_file_token(Path(self.path)), self.keep, self.clean)
 
     def read(self, window: Sequence[slice]) -> np.ndarray:
         """``window``: one slice per aligned axis -> numpy array in the aligned axis order."""
@@ -145,7 +146,37 @@ class Window:
             idx[ax] = sl
         out = np.asarray(a[tuple(idx)])
         order = sorted(self.keep)
-        return out.transpose([order.index(ax) for ax in self.keep])
+        return clean_groundtruth(out.transpose([order.index(ax) for ax in self.keep]), self.clean)
+
+
+def clean_spec(target_clean: dict | None) -> tuple:
+    """An evaluation item's ``target_clean`` (``{"threshold": [per channel] | None, "binarize": bool}``,
+    from the run's ``data_gen_args``) as a hashable spec for ``clean_groundtruth``."""
+    if not target_clean:
+        return ()
+    t = target_clean.get("threshold")
+    return (tuple(float(v) for v in t) if t is not None else None, bool(target_clean.get("binarize")))
+
+
+def clean_groundtruth(gt: Any, spec: tuple) -> Any:
+    """``augment.clean_target`` on an aligned groundtruth (numpy or dask, ``([C|Z,] Y, X)``): the
+    same raw-target clean-up as in training, so a model is scored against what it was taught.
+    A per-channel threshold applies along a leading axis of that length, a single one everywhere."""
+    if not spec:
+        return gt
+    thresholds, binarize = spec
+    if thresholds is not None:
+        t = np.asarray(thresholds, np.float64)
+        if t.size > 1 and gt.ndim >= 3 and gt.shape[0] == t.size:
+            t = t.reshape((-1,) + (1,) * (gt.ndim - 1))
+        elif t.size > 1:
+            raise DataError(f"{t.size} groundtruth thresholds for a groundtruth of shape {tuple(gt.shape)}")
+        else:
+            t = float(t[0])
+        gt = (gt >= t) * gt
+    if binarize:
+        gt = (gt > 0).astype(gt.dtype)
+    return gt
 
 
 @dataclass
@@ -261,8 +292,9 @@ def _align(pshape: Sequence[int], gshape: Sequence[int], ppath: Any, gpath: Any)
     )
 
 
-def open_pair(prediction: str | Path, groundtruth: str | Path) -> Pair:
-    """Open a prediction / groundtruth pair lazily as aligned dask arrays with the same blocks."""
+def open_pair(prediction: str | Path, groundtruth: str | Path, clean: tuple = ()) -> Pair:
+    """Open a prediction / groundtruth pair lazily as aligned dask arrays with the same blocks;
+    ``clean`` (``clean_spec``) is applied to the groundtruth."""
     ppath, gpath = Path(prediction), Path(groundtruth)
     p, g = open_lazy(ppath), open_lazy(gpath)
     pk, gk = _align(p.shape, g.shape, ppath, gpath)
@@ -270,11 +302,11 @@ def open_pair(prediction: str | Path, groundtruth: str | Path) -> Pair:
     chunks = plan_chunks([p.shape[i] for i in pk], [stored[i] for i in pk] if stored else None)
     return Pair(
         _as_dask(p, pk, chunks, _file_token(ppath)),
-        _as_dask(g, gk, chunks, _file_token(gpath)),
+        clean_groundtruth(_as_dask(g, gk, chunks, _file_token(gpath)), clean),
         ppath,
         gpath,
         Window(str(ppath), tuple(pk), p.ndim),
-        Window(str(gpath), tuple(gk), g.ndim),
+        Window(str(gpath), tuple(gk), g.ndim, clean),
     )
 
 
@@ -522,7 +554,7 @@ def _evaluate_pixels(task: str, items: list[dict], num_classes: int, compute_kw:
         pair, u = None, None
         try:
             if task != "instance":
-                pair = open_pair(it["prediction"], it["groundtruth"])
+                pair = open_pair(it["prediction"], it["groundtruth"], clean_spec(it.get("target_clean")))
             ref_shape = pair.pred.shape if pair is not None else open_lazy(it["prediction"]).shape
             if it.get("uncertainty") is not None:
                 u = _open_like(it["uncertainty"], ref_shape, "uncertainty", it["prediction"])

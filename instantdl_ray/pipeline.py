@@ -176,8 +176,12 @@ def evaluate_run(run_dir: Path, cfg: Config, plan: Plan, records: list[dict], lo
     if plan.task == "classification":
         items = [{"name": r["name"], "groundtruth": r["groundtruth"]} for r in items]
     else:
+        aug = plan.extra.get("augment", {})
+        thresholds = plan.extra.get("target_threshold", {})
         items = [{"name": r["name"], "prediction": r["prediction"], "image": r["image"],
-                  "groundtruth": r["groundtruth"], "uncertainty": r.get("uncertainty")} for r in items]
+                  "groundtruth": r["groundtruth"], "uncertainty": r.get("uncertainty"),
+                  "target_clean": {"threshold": thresholds.get(str(r["image"])) if aug.get("threshold_background_groundtruth") else None,
+                                   "binarize": bool(aug.get("binarize_mask"))}} for r in items]
     num_classes = plan.num_classes if plan.task != "instance" else 1
     names = dict(enumerate(plan.class_names)) if plan.task == "classification" else None
     results = evaluate(run_dir, plan.task, items, num_classes=num_classes, class_names=names)
@@ -226,7 +230,7 @@ def predict_new(run_dir: str | Path, inputs: str | Path, out: str | Path | None 
     out_dir.mkdir(parents=True, exist_ok=True)
     log = RunLog(out_dir / "predict.log")
     for s in samples:
-        plan.image_norm.setdefault(str(s.image), image_percentiles(s.image, plan.axes))
+        plan.image_norm.setdefault(str(s.image), image_percentiles(s.image, plan.axes, plan.extra.get("augment")))
     _ray.init(address or cfg.ray.address, dashboard=bool(cfg.ray.dashboard))  # prediction: no Ray Train
     cpus, gpus = _ray.cluster_resources()
     resources = _ray.plan_resources(cfg.ray, cpus, gpus)

@@ -90,14 +90,40 @@ def _subsample(arr: Any, axes: str | None = None, max_pixels: int = STAT_PIXELS,
     return np.asarray(arr[idx])
 
 
-def image_percentiles(path: Path, axes: str) -> list[list[float]]:
-    """Per-channel (lo, hi) intensity percentiles of one image, from a bounded subsample."""
+def image_percentiles(path: Path, axes: str, augment: dict | None = None) -> list[list[float]]:
+    """Per-channel ``(lo, hi)`` of one image, from a bounded subsample: ``normalize_image`` maps
+    ``lo`` to 0 and ``hi`` to 1. By default the robust percentiles ``NORM_PERCENTILES``; with
+    InstantDL's ``feature_scaling`` the image's min and max; with ``std_normalization`` (which wins
+    when both are on, as a z-score ignores a prior min-max scaling) ``(mean, mean + std)``, i.e. a
+    z-score. ``augment`` is ``data_gen_args`` (``plan.extra["augment"]``).
+
+    These are statistics of the whole image, computed once at planning, so every tile of an image
+    (training, validation, prediction) gets the same affine map and overlapping tiles agree.
+    """
     arr = read.open_array(path)
     axes = read.image_axes(arr.shape, axes)
     chw = read.to_channel_first(_subsample(arr, axes), axes)
-    flat = chw.reshape(chw.shape[0], -1)
-    lo, hi = np.percentile(flat, NORM_PERCENTILES, axis=1)
+    flat = chw.reshape(chw.shape[0], -1).astype(np.float64)
+    augment = augment or {}
+    if augment.get("std_normalization"):
+        mean, std = flat.mean(1), flat.std(1)
+        lo, hi = mean, mean + np.maximum(std, 1e-8)
+    elif augment.get("feature_scaling"):
+        lo, hi = flat.min(1), flat.max(1)
+    else:
+        lo, hi = np.percentile(flat, NORM_PERCENTILES, axis=1)
     return [[float(a), float(b)] for a, b in zip(lo, hi)]
+
+
+def target_thresholds(path, target_axes: str) -> list[float]:
+    """Per-channel background threshold of one raw groundtruth image for InstantDL's
+    ``threshold_background_groundtruth``: ``augment.GROUNDTRUTH_THRESHOLD_FACTOR`` x its mean (from a
+    bounded subsample), in the target's own units, so the same pixels are cleared in every tile."""
+    from .augment import GROUNDTRUTH_THRESHOLD_FACTOR
+
+    arr = read.to_channel_first(_subsample(read.open_array(path), target_axes), target_axes)
+    flat = arr.reshape(arr.shape[0], -1).astype(np.float64)
+    return [float(GROUNDTRUTH_THRESHOLD_FACTOR * m) for m in flat.mean(1)]
 
 
 def normalize_image(chw: np.ndarray, lohi: list[list[float]]) -> np.ndarray:
@@ -195,9 +221,12 @@ def make_plan(cfg, inv) -> Plan:
         val_names=va,
         extra={**fields.get("extra", {}), "augment": cfg.data_gen_args.model_dump()},
     )
-    plan.image_norm = {str(s.image): image_percentiles(s.image, axes) for s in samples}
+    plan.image_norm = {str(s.image): image_percentiles(s.image, axes, plan.extra["augment"]) for s in samples}
+    if plan.extra["augment"].get("threshold_background_groundtruth") and target_axes:
+        plan.extra["target_threshold"] = {str(s.image): target_thresholds(s.groundtruth, target_axes)
+                                          for s in samples if isinstance(s.groundtruth, (str, Path))}
     if task.name == "regression":
-        stats = [_target_stats(s, target_axes) for s in inv.samples.get("train", [])[:64]]
+        stats = [_target_stats(s, target_axes, plan.extra) for s in inv.samples.get("train", [])[:64]]
         if stats:
             n = np.sum([c for c, _, _ in stats], axis=0)
             mean = np.sum([m * c for c, m, _ in stats], axis=0) / n
@@ -211,7 +240,13 @@ def make_plan(cfg, inv) -> Plan:
     return plan
 
 
-def _target_stats(sample, target_axes: str):
+def _target_stats(sample, target_axes: str, extra: dict):
+    """(pixels, mean, variance) per channel of one training target after the raw-target clean-up
+    (``augment.clean_target``), which is what the scaled training targets are made from."""
+    from .augment import AugmentParams, clean_target
+
     arr = read.to_channel_first(_subsample(read.open_array(sample.groundtruth), target_axes), target_axes)
+    arr = clean_target(arr, AugmentParams.from_dict(extra.get("augment")),
+                       extra.get("target_threshold", {}).get(str(sample.image)))
     flat = arr.reshape(arr.shape[0], -1).astype(np.float64)
     return flat.shape[1], flat.mean(1), flat.var(1)

@@ -221,22 +221,6 @@ def test_resample():
 # --- normalize / params ------------------------------------------------------------------------
 
 
-def test_normalize():
-    rng = np.random.default_rng(5)
-    x = np.stack([rng.normal(500, 40, (16, 16)), rng.normal(3, 0.1, (16, 16))]).astype(np.float32)
-    z = A.normalize(x, AugmentParams.from_dict({"std_normalization": True}))
-    np.testing.assert_allclose(z.mean(axis=(1, 2)), 0, atol=1e-4)
-    np.testing.assert_allclose(z.std(axis=(1, 2)), 1, atol=1e-4)
-    f = A.normalize(x, AugmentParams.from_dict({"feature_scaling": True}))
-    np.testing.assert_allclose(f.min(axis=(1, 2)), 0, atol=1e-6)
-    np.testing.assert_allclose(f.max(axis=(1, 2)), 1, atol=1e-6)
-    np.testing.assert_array_equal(A.normalize(x, AugmentParams.from_dict({})), x)
-    both = AugmentParams.from_dict({"std_normalization": True, "feature_scaling": True})
-    once = A.normalize(x, both)
-    np.testing.assert_allclose(A.normalize(once, both), once, atol=1e-5)  # idempotent
-    assert np.all(A.normalize(np.ones((1, 4, 4)), both) == 0)  # constant image: no NaN
-
-
 def test_params_from_dict():
     p = AugmentParams.from_dict({})
     expected = {k: (0.0 if v is False and k in A.ON_VALUES else v) for k, v in DEFAULTS.items()}
@@ -269,12 +253,14 @@ def test_sample_zoom_ranges():
     assert A.sample_zoom(0, rng) == 1.0
 
 
-def test_prepare_target():
+def test_clean_target():
     t = np.array([[[0.0, 0.1, 2.0, 3.0]]], dtype=np.float32)  # mean 1.275, 0.8 * mean = 1.02
     p = AugmentParams.from_dict({"threshold_background_groundtruth": True})
-    np.testing.assert_array_equal(A.prepare_target(t, p), [[[0, 0, 2, 3]]])
+    np.testing.assert_array_equal(A.clean_target(t, p), [[[0, 0, 2, 3]]])
+    # the whole image's threshold, given, wins over the tile's own mean
+    np.testing.assert_array_equal(A.clean_target(t, p, [2.5]), [[[0, 0, 0, 3]]])
     p = AugmentParams.from_dict({"threshold_background_groundtruth": True, "binarize_mask": True})
-    np.testing.assert_array_equal(A.prepare_target(t, p), [[[0, 0, 1, 1]]])
+    np.testing.assert_array_equal(A.clean_target(t, p), [[[0, 0, 1, 1]]])
     assert A.interp_order("continuous", p) == 0 and A.interp_order("continuous") == 1
 
 
@@ -298,7 +284,7 @@ def split(batch, sl):
 @pytest.mark.parametrize("spatial", [(24, 24), (4, 24, 24)], ids=["2d", "3d"])
 def test_augment_batch_independent_of_batching(spatial):
     batch = make_batch(spatial=spatial)
-    params = AugmentParams.from_dict({**ALL_ON, "std_normalization": True})
+    params = AugmentParams.from_dict(ALL_ON)
     whole = A.augment_batch(batch, params, "label")
     halves = [A.augment_batch(split(batch, s), params, "label") for s in (slice(0, 2), slice(2, 4))]
     assert set(whole) == set(batch)
@@ -309,7 +295,7 @@ def test_augment_batch_independent_of_batching(spatial):
     # rows differ from each other (own seeds) and from the input
     assert not np.array_equal(whole["image"][0], whole["image"][1])
     # a row's result equals augment() with the row's seed
-    img, tgt = A.augment(A.normalize(batch["image"][2], params), batch["target"][2], params,
+    img, tgt = A.augment(batch["image"][2], batch["target"][2], params,
                          np.random.default_rng(102), "label")
     np.testing.assert_array_equal(whole["image"][2], img)
     np.testing.assert_array_equal(whole["target"][2], tgt)
@@ -343,13 +329,6 @@ def test_augment_batch_classification_and_missing_seed():
     assert "target" not in out
     with pytest.raises(KeyError):
         A.augment_batch({"image": batch["image"]}, AugmentParams.from_dict({}))
-
-
-def test_normalize_batch():
-    batch = make_batch()
-    out = A.normalize_batch(batch, AugmentParams.from_dict({"std_normalization": True}))
-    np.testing.assert_allclose(out["image"].mean(axis=(2, 3)), 0, atol=1e-5)
-    np.testing.assert_array_equal(out["target"], batch["target"])
 
 
 def test_sample_seed_distinct_and_stable():
