@@ -26,17 +26,19 @@ STATE_FILE = "state.pt"  # optimizer, epoch, early-stopping state, history
 
 
 def _all_reduce(sums: dict[str, float]) -> dict[str, float]:
-    import torch
+    """Sum ``sums`` over all ranks; the key sets may differ (a rank without validation rows
+    passes ``{}``). A collective: every rank must call it, with or without statistics."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return sums
-    keys = sorted(sums)
-    t = torch.tensor([float(sums[k]) for k in keys], dtype=torch.float64)
-    if dist.get_backend() == "nccl":
-        t = t.cuda()
-    dist.all_reduce(t)
-    return {k: float(v) for k, v in zip(keys, t.cpu().tolist())}
+        return dict(sums)
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, {k: float(v) for k, v in sums.items()})
+    total: dict[str, float] = {}
+    for part in gathered:
+        for k, v in part.items():
+            total[k] = total.get(k, 0.0) + v
+    return total
 
 
 def _unwrap(model):
@@ -125,6 +127,17 @@ def val_sums(model, batches, task, loss_fn, to_dev) -> dict[str, float]:
     return sums
 
 
+def val_dataset_name(rank: int) -> str:
+    return f"val_{rank}"
+
+
+def split_rows(rows: list, world: int) -> dict[str, list]:
+    """Validation rows round-robin over ``world`` ranks: every row exactly once, shards differ by
+    at most one row; ranks without rows get no dataset (``{"val_0": [...], "val_1": [...]}``)."""
+    shards = {val_dataset_name(r): rows[r::world] for r in range(max(1, world))}
+    return {name: part for name, part in shards.items() if part}
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Runs inside every Ray Train worker. ``config`` is plain JSON-able data."""
     import tempfile
@@ -200,7 +213,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     epochs = int(config["epochs"])
     steps_per_epoch = max(1, math.ceil(int(config["rows_per_epoch"]) / (bs * world)))
     train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("val") if config["has_val"] else None
+    # the driver split the validation tiles round-robin, one dataset per rank that got any
+    has_val = bool(config.get("val_datasets"))
+    val_name = val_dataset_name(rank)
+    val_shard = ray.train.get_dataset_shard(val_name) if val_name in config.get("val_datasets", []) else None
     writer = None
     if rank == 0 and config.get("tensorboard_dir"):
         try:
@@ -231,13 +247,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     while epoch < epochs and not exhausted:
         t0 = time.time()
         loss_sum, n_seen, exhausted = train_epoch(model, it, steps_per_epoch, task, loss_fn, opt, to_dev, scaler)
-        if n_seen == 0:
+        # every rank takes part in every collective, whatever its own shard held
+        tr = _all_reduce({"loss_sum": loss_sum, "n": n_seen, "dry": float(exhausted)})
+        exhausted = tr["dry"] > 0
+        if tr["n"] == 0:
             break
-        tr = _all_reduce({"loss_sum": loss_sum, "n": n_seen})
         metrics = {"epoch": epoch, "loss": tr["loss_sum"] / max(tr["n"], 1)}
-        if val_shard is not None:
-            sums = val_sums(model, val_shard.iter_torch_batches(batch_size=bs), task, loss_fn, to_dev)
-            metrics.update(task.val_summary(_all_reduce(sums)) if sums else {})
+        if has_val:
+            sums = {} if val_shard is None else val_sums(
+                model, val_shard.iter_torch_batches(batch_size=bs), task, loss_fn, to_dev)
+            sums = _all_reduce(sums)
+            if sums.get("n", 0) > 0:
+                metrics.update(task.val_summary(sums), val_n=sums["n"])
         monitored = metrics.get("val_loss", metrics["loss"])
         improved = stopper.step(monitored, epoch)
         t_epochs.append(time.time() - t0)
@@ -364,8 +385,11 @@ def fit(cfg, plan: Plan, inv, run_dir: Path, resources, augment_params, resume: 
                          foreground=fg, foreground_fraction=cfg.foreground_sampling)
     rows_per_epoch = len(rows) // max(1, epochs - start_epoch)
     datasets = {"train": ray_dataset(rows, plan, augment_params)}
-    if val_samples:
-        datasets["val"] = ray_dataset(grid_rows(val_samples, inv.image_shapes, plan, 0.0), plan)
+    # validation is split here, not by Ray Train's equal split (which drops rows so that every
+    # rank gets as many): each rank validates its own dataset, every tile exactly once
+    val_shards = split_rows(grid_rows(val_samples, inv.image_shapes, plan, 0.0), resources.num_workers)
+    for name, part in val_shards.items():
+        datasets[name] = ray_dataset(part, plan)
     log(f"training {plan.model} on {len(train_samples)} images ({rows_per_epoch} tiles/epoch of {plan.tile_shape}), "
         f"validating on {len(val_samples)}; {resources.num_workers} worker(s) x {resources.cpus_per_worker:g} CPU"
         f"{' + GPU' if resources.use_gpu else ''}, batch size {cfg.batchsize} per worker")
@@ -378,7 +402,7 @@ def fit(cfg, plan: Plan, inv, run_dir: Path, resources, augment_params, resume: 
         "epochs": epochs,
         "patience": cfg.early_stopping_patience,
         "rows_per_epoch": rows_per_epoch,
-        "has_val": bool(val_samples),
+        "val_datasets": sorted(val_shards),
         "torch_threads": resources.torch_threads,
         "pretrained_weights": None if resume_ckpt or not cfg.pretrained_weights else str(cfg.pretrained_weights),
         "log_file": str(run_dir / "logs" / "train.log"),
@@ -402,7 +426,7 @@ def fit(cfg, plan: Plan, inv, run_dir: Path, resources, augment_params, resume: 
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # our own epoch lines are enough
         ),
         datasets=datasets,
-        dataset_config=_data_config(plan, cfg.batchsize, list(datasets)),
+        dataset_config=_data_config(plan, cfg.batchsize, list(datasets), split=["train"]),
     )
     result = trainer.fit()
     if result.checkpoint is None:
@@ -430,7 +454,9 @@ def read_ahead_bytes(plan: Plan, batch_size: int) -> int:
     return int(max(np.clip(READ_AHEAD_BATCHES * batch, READ_AHEAD_MIN, READ_AHEAD_MAX), 2 * batch))
 
 
-def _data_config(plan: Plan, batch_size: int, names: list[str]):
+def _data_config(plan: Plan, batch_size: int, names: list[str], split: list[str] | None = None):
+    """Read-ahead limits for every dataset in ``names``; Ray Train splits only those in ``split``
+    (all when None) over the workers, the others go whole to every worker."""
     from ray.data import ExecutionResources
     from ray.train import DataConfig
 
@@ -442,7 +468,7 @@ def _data_config(plan: Plan, batch_size: int, names: list[str]):
             object_store_memory=read_ahead_bytes(plan, batch_size),
         )
         opts[name] = o
-    return DataConfig(execution_options=opts)
+    return DataConfig(datasets_to_split="all" if split is None else list(split), execution_options=opts)
 
 
 def _export_best(ckpt_dir: Path, run_dir: Path, history: list[dict]) -> Path:

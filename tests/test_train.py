@@ -78,9 +78,23 @@ def test_training_stream_reads_a_bounded_amount_ahead():
     assert read_ahead_bytes(big, 2) == READ_AHEAD_MAX
     huge = SimpleNamespace(in_channels=2, out_channels=2, tile_shape=[128, 512, 512], image_size=None)
     assert read_ahead_bytes(huge, 8) == 2 * 8 * 4 * 4 * 128 * 512 * 512  # at least two batches
-    dc = _data_config(unet, 4, ["train", "val"])
-    for name in ("train", "val"):
+    dc = _data_config(unet, 4, ["train", "val_0", "val_1"], split=["train"])
+    for name in ("train", "val_0", "val_1"):
         assert dc._resolve_execution_options(name).resource_limits.object_store_memory == read_ahead_bytes(unet, 4)
+    assert dc._datasets_to_split == ["train"]  # validation shards are split by the driver, not again by Ray
+
+
+@pytest.mark.parametrize("n_rows,world", [(1, 2), (3, 2), (7, 4), (4, 1), (0, 2)])
+def test_validation_rows_split_round_robin_every_row_once(n_rows, world):
+    from instantdl_ray.train import split_rows
+
+    rows = [{"tile_index": i} for i in range(n_rows)]
+    shards = split_rows(rows, world)
+    assert set(shards) == {f"val_{r}" for r in range(min(n_rows, world))}  # only ranks that get rows
+    got = sorted(r["tile_index"] for part in shards.values() for r in part)
+    assert got == list(range(n_rows))
+    sizes = [len(p) for p in shards.values()]
+    assert not sizes or max(sizes) - min(sizes) <= 1
 
 
 def test_ray_datasets_carry_the_executor_step_rate_limit(ray_session):
@@ -112,3 +126,33 @@ def test_local_ray_starts_without_dashboard_unless_asked(monkeypatch):
     cfg = from_dict({"use_algorithm": "semantic", "path": ".", "ray": {"dashboard": True}})
     assert cfg.ray.dashboard is True
     assert from_dict({"use_algorithm": "semantic", "path": "."}).ray.dashboard is None  # auto
+
+
+def _all_reduce_rank(rank: int, init: str, out: str) -> None:
+    import json
+
+    import torch.distributed as dist
+
+    from instantdl_ray.train import _all_reduce
+
+    dist.init_process_group("gloo", init_method=init, world_size=2, rank=rank)
+    try:
+        mine = {"loss_sum": 2.5, "n": 1, "inter": 3.0} if rank == 0 else {}  # rank 1: no validation rows
+        with open(f"{out}.{rank}", "w") as f:
+            json.dump(_all_reduce(mine), f)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.timeout(120)
+def test_all_reduce_joins_ranks_without_statistics(tmp_path):
+    """A rank without validation batches still takes part in the collective (else the others wait
+    forever), and dicts with different key sets are summed."""
+    import json
+
+    import torch.multiprocessing as mp
+
+    out = str(tmp_path / "sums")
+    mp.spawn(_all_reduce_rank, args=(f"file://{tmp_path / 'pg'}", out), nprocs=2, join=True)
+    for rank in (0, 1):
+        assert json.loads(open(f"{out}.{rank}").read()) == {"loss_sum": 2.5, "n": 1.0, "inter": 3.0}

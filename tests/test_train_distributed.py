@@ -1,0 +1,54 @@
+"""Ray Train runs with two CPU workers on the 2-CPU test Ray (2 x 0.5 CPU leaves one for data)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import make_semantic_set
+from instantdl_ray import config
+
+TWO_WORKERS = {"num_workers": 2, "cpus_per_worker": 0.5}
+
+
+def _cfg(data, **extra):
+    return config.from_dict({
+        "use_algorithm": "semantic", "path": str(data), "batchsize": 2, "iterations_over_dataset": 2,
+        "calculate_uncertainty": False, "evaluation": False, "ray": TWO_WORKERS, **extra,
+    })
+
+
+def _fit(cfg, run_dir):
+    """``train.fit`` as ``pipeline.run`` calls it, without the prediction stage."""
+    from instantdl_ray import _ray
+    from instantdl_ray.augment import AugmentParams
+    from instantdl_ray.plan import make_plan
+    from instantdl_ray.train import fit
+    from instantdl_ray.validate import validate
+
+    inv = validate(cfg)
+    plan = make_plan(cfg, inv)
+    resources = _ray.plan_resources(cfg.ray, *_ray.cluster_resources())
+    assert resources.num_workers == 2
+    run_dir.mkdir(parents=True)
+    best = fit(cfg, plan, inv, run_dir, resources, AugmentParams.from_dict(cfg.data_gen_args.model_dump()),
+               log=lambda msg: None)
+    return plan, best
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("n_train,split,n_val", [(4, 0.2, 1), (6, 0.5, 3)])
+def test_two_workers_validate_every_tile_exactly_once(ray_session, tmp_path, n_train, split, n_val):
+    """1 validation tile (fewer than the workers) and 3 (not divisible by 2): no rank may wait alone
+    in a collective, and no tile may be dropped by an equal split or counted twice."""
+    data = make_semantic_set(tmp_path / "data", n_train=n_train, n_test=1)
+    # 3 training images x 4 tiles: 12 rows per epoch, 3 batches of 2 per worker
+    cfg = _cfg(data, validation_split=split, tiles_per_image=4)
+    plan, best = _fit(cfg, tmp_path / "run")
+    assert best.exists()
+    assert len(plan.val_names) == n_val and plan.tile_shape == [64, 64]  # one tile per 64x64 image
+    history = json.loads((tmp_path / "run" / "logs" / "history.json").read_text())
+    assert len(history) == 2
+    assert [h.get("val_n") for h in history] == [n_val, n_val]
+    assert all("val_loss" in h for h in history)
