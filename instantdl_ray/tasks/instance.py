@@ -8,6 +8,8 @@ Mask R-CNN has no dropout; its uncertainty is the per-object detection score (do
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 
 from . import TASKS, Task, mc_samples
@@ -66,6 +68,28 @@ def labels_to_targets(label_tile: np.ndarray) -> dict:
         "labels": torch.ones(len(boxes), dtype=torch.int64),
         "masks": torch.tensor(np.asarray(masks, np.uint8).reshape(-1, h, w)),
     }
+
+
+@contextlib.contextmanager
+def _losses_mode(model):
+    """torchvision detection models return their losses only in train mode, but train mode also
+    makes every trainable BatchNorm normalise with batch statistics and update its running
+    statistics; with random weights (``weights=None``) both Mask R-CNN builders have such
+    BatchNorm. For validation: train mode with every BatchNorm held in eval, so the losses come
+    from the model as it predicts and no parameter or buffer changes. Restores every module's
+    mode on exit."""
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.train()
+        for m in model.modules():
+            if isinstance(m, _BatchNorm):
+                m.eval()
+        yield model
+    finally:
+        for m, flag in modes.items():
+            m.train(flag)
 
 
 def _rgb(x):
@@ -146,11 +170,15 @@ class Instance(Task):
             loss = float(loss_fn(out, y))
         else:
             images, targets = self._mrcnn_inputs(batch)
-            # torchvision detection uses frozen BatchNorm: train mode here only turns on the losses
-            model.train()
-            loss = float(sum(model(images, targets).values()))
-            model.eval()
-            dets = model(images)
+            was_training = {m: m.training for m in model.modules()}
+            try:
+                with _losses_mode(model):
+                    loss = float(sum(model(images, targets).values()))
+                model.eval()
+                dets = model(images)
+            finally:
+                for m, flag in was_training.items():  # the caller's modes (train.val_sums: eval)
+                    m.train(flag)
             pred_fg = torch.stack([self._paint(d, images[0].shape[-2:]) > 0 for d in dets])[:, None]
             fg = batch["target"] > 0
         inter = float(torch.sum(pred_fg & fg))
