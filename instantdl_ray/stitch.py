@@ -2,8 +2,8 @@
 and for large images not by the image either.
 
 Averageable outputs (probabilities, values, uncertainty maps) are accumulated as weighted sums
-with Gaussian blending weights; label tiles (Mask R-CNN) are merged by keeping each object in
-the tile whose core holds its centroid.
+with Gaussian blending weights; label tiles (Mask R-CNN) are merged object by object, each
+object kept from exactly one tile (see "Label tiles" below).
 
 Two paths, chosen per image by its spatial size:
 
@@ -19,10 +19,35 @@ Two paths, chosen per image by its spatial size:
   and added back when their block completes. ``stitched()`` then hands out the zarr arrays (with
   per-channel ``min``/``max`` in their attrs) for blockwise finalisation (``blocks()``); label
   images (Mask R-CNN) live in a zarr array too.
+
+Label tiles (``ImageAccumulator._add_labels``). A tile's model only sees its read window, so an
+object cut by a window edge that is not the image border (an *inner* edge) comes out truncated.
+
+* An object that touches no inner edge of the tile's window is *whole* in that tile. It is kept
+  by exactly one of the tiles whose window holds it whole: the one with the most context, i.e.
+  the largest distance between the object's bounding box and that window's inner edges (per
+  axis; ties go to the tile whose core holds the centroid, then to the first tile). Every tile
+  computes this owner from the grid alone, so the tiles agree whatever order they arrive in.
+* An object that touches an inner edge is dropped: a neighbouring tile, with more context, holds
+  it whole and owns it. On an axis with read windows of length ``t`` and overlap ``o``, every
+  object whose extent is at most ``o - 1`` lies whole in some window, so each such object comes
+  out exactly once and untruncated; ``tile.grid_overlap`` makes the prediction overlap at least
+  the training objects' extent plus a margin (``plan.extra["min_overlap"]``).
+* Fallback, for an object larger than that: if even the part a tile sees cannot lie whole in any
+  window of the grid, no tile will keep it whole, so every tile that sees it so keeps its piece
+  and pieces that share pixels (in the overlap zones, so this needs an overlap > 0) are merged
+  into one object, whichever order they arrive in. Such an object comes out once (not split
+  into one object per tile); it can miss parts that only tiles seeing a smaller piece of it,
+  one that would fit whole in some window, saw. Ids freed by merges are renumbered away once
+  the image is complete, so objects are numbered 1..n.
+
+Within a tile a kept object only fills pixels no earlier object claimed (predictions of
+neighbouring tiles may disagree by a few pixels).
 """
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import math
 import shutil
@@ -77,6 +102,9 @@ class ImageAccumulator:
         self.labels: Any = None
         self.next_label = 1
         self.object_scores: dict[int, float] = {}
+        self._axes: list[list[tuple[int, int, int, int]]] | None = None  # label grid, per axis
+        self._fallback: dict[int, list[list[int]]] = {}  # merged large objects: id -> global bbox
+        self._freed: set[int] = set()  # ids merged into another (renumbered once the image is complete)
         self._blocks = _BlockSums(self.shape, tiles, self.scratch) if self.streaming else None
 
     # ---------------------------------------------------------------- adding tiles
@@ -105,32 +133,156 @@ class ImageAccumulator:
         self.remaining -= 1
         if self.remaining == 0 and self._blocks is not None:
             self._blocks.close()
+        if self.remaining == 0 and self._freed:
+            self._compact_labels()
         return self.remaining == 0
 
     def _add_labels(self, t: Tile, lab: np.ndarray, scores: np.ndarray | None) -> None:
+        """Merge one tile's label image (``t.read`` shape, ids local to the tile); see the module
+        docstring ("Label tiles") for which tile keeps which object."""
         from scipy import ndimage as ndi
 
         if self.labels is None:
             self.labels = self._label_array()
-        ids = np.unique(lab)
-        ids = ids[ids > 0]
-        if len(ids) == 0:
+            self._axes = self._label_grid()
+        lab = np.asarray(lab)
+        if not lab.any():
             return
-        centroids = ndi.center_of_mass(np.ones_like(lab), lab, ids)
+        lab = lab.astype(np.int64, copy=False)
+        boxes = ndi.find_objects(lab)
+        ids = np.asarray([i + 1 for i, b in enumerate(boxes) if b is not None], np.int64)
+        centroids = ndi.center_of_mass(np.ones(lab.shape, np.float32), lab, ids)
+        me = self._axis_key(t)
         region = self.labels[t.read] if isinstance(self.labels, np.ndarray) else np.asarray(self.labels[t.read])
         changed = False
-        for i, c in zip(ids, centroids):
-            pos = [int(ci) + s.start for ci, s in zip(c, t.read)]
-            if not all(core.start <= p < core.stop for p, core in zip(pos, t.core)):
-                continue  # this object belongs to the neighbouring tile whose core holds it
-            m = (lab == i) & (region == 0)
-            region[m] = self.next_label
-            changed = True
-            if scores is not None and i - 1 < len(scores):
-                self.object_scores[self.next_label] = float(scores[i - 1])
-            self.next_label += 1
+        for i, c in zip(ids.tolist(), centroids):
+            sl = boxes[i - 1]
+            lo = [s.start + r.start for s, r in zip(sl, t.read)]  # global bbox, hi inclusive
+            hi = [s.stop - 1 + r.start for s, r in zip(sl, t.read)]
+            cen = [ci + r.start for ci, r in zip(c, t.read)]
+            score = float(scores[i - 1]) if scores is not None and i - 1 < len(scores) else None
+            touches = any(self._touches_inner_edge(d, me[d], lo[d], hi[d]) for d in range(len(lo)))
+            if not touches:
+                if self._owner(lo, hi, cen) != me:
+                    continue  # another tile holds it whole, with more context
+                m = (lab[sl] == i) & (region[sl] == 0)
+                if not m.any():
+                    continue
+                region[sl][m] = self.next_label
+                if score is not None:
+                    self.object_scores[self.next_label] = score
+                self.next_label += 1
+                changed = True
+            elif not all(self._containable(d, lo[d], hi[d]) for d in range(len(lo))):
+                changed |= self._add_fallback(t, region, lab[sl] == i, sl, lo, hi, score)
+            # else: truncated here, and some tile may hold it whole: that tile owns it
         if changed and not isinstance(self.labels, np.ndarray):
             self.labels[t.read] = region  # zarr: write the tile's window back
+
+    # the label grid per axis: (read_start, read_stop, core_start, core_stop) of each axis tile
+
+    def _label_grid(self) -> list[list[tuple[int, int, int, int]]]:
+        axes = [sorted({(t.read[d].start, t.read[d].stop, t.core[d].start, t.core[d].stop) for t in self.tiles})
+                for d in range(len(self.shape))]
+        if int(np.prod([len(a) for a in axes])) != len(self.tiles) or any(
+                len({a[0] for a in ax}) != len(ax) for ax in axes):
+            raise ValueError("label tiles need a Cartesian tile grid (tile.tile_grid)")
+        self._axis_pos = [{a[0]: j for j, a in enumerate(ax)} for ax in axes]
+        self._starts = [[a[0] for a in ax] for ax in axes]
+        self._longest = [max(a[1] - a[0] for a in ax) for ax in axes]
+        return axes
+
+    def _axis_key(self, t: Tile) -> tuple[int, ...]:
+        return tuple(self._axis_pos[d][t.read[d].start] for d in range(len(self.shape)))
+
+    def _margin(self, d: int, j: int, lo: int, hi: int) -> float:
+        """Distance of ``[lo, hi]`` from the inner edges of axis tile ``j`` (0: touching; inf: none)."""
+        r0, r1, _, _ = self._axes[d][j]
+        left = lo - r0 if r0 > 0 else math.inf
+        right = r1 - 1 - hi if r1 < self.shape[d] else math.inf
+        return min(left, right)
+
+    def _touches_inner_edge(self, d: int, j: int, lo: int, hi: int) -> bool:
+        return self._margin(d, j, lo, hi) <= 0
+
+    def _candidates(self, d: int, lo: int, hi: int) -> list[int]:
+        """Axis tiles whose window holds ``[lo, hi]`` without touching an inner edge."""
+        ax, starts = self._axes[d], self._starts[d]
+        first = bisect.bisect_left(starts, hi - self._longest[d] + 1)  # only windows that reach hi
+        last = bisect.bisect_right(starts, lo)  # and start at or before lo
+        return [j for j in range(first, last) if hi < ax[j][1] and self._margin(d, j, lo, hi) > 0]
+
+    def _containable(self, d: int, lo: int, hi: int) -> bool:
+        return bool(self._candidates(d, lo, hi))
+
+    def _owner(self, lo: list[int], hi: list[int], cen: list[float]) -> tuple[int, ...]:
+        """The tile that keeps a whole object with bbox ``[lo, hi]``: per axis, the window holding
+        it with the largest margin to its inner edges; ties: the core holding the centroid, then
+        the first. Axes are independent because the grid is a Cartesian product."""
+        key = []
+        for d in range(len(lo)):
+            def rank(j, d=d):
+                _, _, c0, c1 = self._axes[d][j]
+                return (-self._margin(d, j, lo[d], hi[d]), not c0 <= cen[d] < c1, j)
+            key.append(min(self._candidates(d, lo[d], hi[d]), key=rank))
+        return tuple(key)
+
+    def _add_fallback(self, t: Tile, region: np.ndarray, piece: np.ndarray, sl: tuple[slice, ...],
+                      lo: list[int], hi: list[int], score: float | None) -> bool:
+        """A piece of an object no window can hold whole: merged with the pieces it shares pixels
+        with (an object id per connected chain of pieces, independent of the tile order)."""
+        seen = region[sl][piece]
+        touching = sorted(int(v) for v in np.unique(seen) if int(v) in self._fallback)
+        target = touching[0] if touching else None
+        for other in touching[1:]:  # this piece joins several: merge them all into the smallest id
+            self._relabel(other, target, region, t)
+        m = piece & (region[sl] == 0)
+        if target is None:
+            if not m.any():
+                return False
+            target = self.next_label
+            self.next_label += 1
+            self._fallback[target] = [list(lo), [h + 1 for h in hi]]
+        else:
+            box = self._fallback[target]
+            box[0] = [min(a, b) for a, b in zip(box[0], lo)]
+            box[1] = [max(a, b + 1) for a, b in zip(box[1], hi)]
+        region[sl][m] = target
+        if score is not None:
+            self.object_scores[target] = max(score, self.object_scores.get(target, -math.inf))
+        return True
+
+    def _relabel(self, old: int, new: int, region: np.ndarray, t: Tile) -> None:
+        """Rename the fallback object ``old`` to ``new`` everywhere (its bbox) and in ``region``."""
+        (a, b), (na, nb) = self._fallback.pop(old), self._fallback[new]
+        box = tuple(slice(x, y) for x, y in zip(a, b))
+        if isinstance(self.labels, np.ndarray):
+            view = self.labels[box]
+            view[view == old] = new
+        else:
+            block = np.asarray(self.labels[box])
+            block[block == old] = new
+            self.labels[box] = block
+            region[region == old] = new  # the tile's window copy, written back after this tile
+        self._fallback[new] = [[min(x, y) for x, y in zip(a, na)], [max(x, y) for x, y in zip(b, nb)]]
+        if old in self.object_scores:
+            self.object_scores[new] = max(self.object_scores.pop(old), self.object_scores.get(new, -math.inf))
+        self._freed.add(old)
+
+    def _compact_labels(self) -> None:
+        """Renumber the objects 1..n after merges freed some ids (blockwise on the zarr path)."""
+        lut = np.zeros(self.next_label, np.uint32)
+        keep = np.setdiff1d(np.arange(1, self.next_label), np.fromiter(self._freed, np.int64))
+        lut[keep] = np.arange(1, len(keep) + 1, dtype=np.uint32)
+        if isinstance(self.labels, np.ndarray):
+            self.labels = lut[self.labels]
+        else:
+            for b in iter_blocks(self.shape, stream_block(self.shape)):
+                self.labels[b] = lut[np.asarray(self.labels[b])]
+        self.object_scores = {int(lut[k]): v for k, v in self.object_scores.items() if lut[k] > 0}
+        self._fallback = {int(lut[k]): v for k, v in self._fallback.items() if lut[k] > 0}
+        self.next_label = len(keep) + 1
+        self._freed = set()
 
     def _label_array(self):
         if not self.streaming:

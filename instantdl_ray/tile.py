@@ -120,6 +120,23 @@ def tile_grid(shape: Sequence[int], tile: IntOrSeq, overlap: IntOrSeq = 0) -> li
     return tiles
 
 
+def grid_overlap(plan: Any, tile_overlap: float) -> tuple[int, ...]:
+    """Overlap per spatial axis of the prediction (and validation) tile grid of ``plan``: the
+    fraction ``tile_overlap`` of the tile, but at least ``plan.extra["min_overlap"]`` where the
+    plan has it (instance segmentation: what the training objects need so each lies whole in some
+    read window, see ``plan.required_overlap`` and ``stitch``). That minimum is capped at half the
+    tile (objects larger than that need a larger tile; stitching then falls back to merging
+    pieces); the result is always < the tile. The one definition for everyone that builds or
+    stitches a prediction grid (``dataset.grid_rows``, ``predict``), so the tiles read and the
+    tiles stitched are the same grid.
+    """
+    tile = [int(t) for t in plan.tile_shape]
+    need = (getattr(plan, "extra", None) or {}).get("min_overlap") or [0] * len(tile)
+    need = _per_axis(need, len(tile), "min_overlap")
+    return tuple(max(0, min(max(int(t * float(tile_overlap)), min(int(m), t // 2)), t - 1))
+                 for t, m in zip(tile, need))
+
+
 def grid_tile_origins(shape: Sequence[int], tile: IntOrSeq) -> list[tuple[int, ...]]:
     """Origins of a non-overlapping grid covering the image (the last tile per axis shifted back
     inside the image, so it overlaps its neighbour instead of running off the edge). Images

@@ -1,8 +1,9 @@
 """Instance segmentation: torchvision Mask R-CNN (as InstantDL), or a U-Net with an
 interior/boundary encoding split into objects by watershed after stitching (scales to slides).
 
-Mask R-CNN outputs are not averageable: each tile yields a label tile, and stitching keeps an
-object in the tile whose core holds its centroid, so a nucleus on a tile border comes out once.
+Mask R-CNN outputs are not averageable: each tile yields a label tile, and stitching keeps each
+object from one tile that holds it whole (``stitch``; the prediction overlap is made larger than
+the training objects, ``plan.required_overlap``), so a nucleus on a tile border comes out once.
 Mask R-CNN has no dropout; its uncertainty is the per-object detection score (documented).
 """
 
