@@ -32,3 +32,10 @@ class DataError(InstantDLError):
 class WeightsError(InstantDLError):
     def __init__(self, problems, title: str = "Cannot load pretrained weights"):
         super().__init__(problems, title)
+
+
+class TrainingError(InstantDLError):
+    """Training stopped for a reason the user must fix (e.g. a loss that is NaN or infinite)."""
+
+    def __init__(self, problems, title: str = "Training stopped"):
+        super().__init__(problems, title)

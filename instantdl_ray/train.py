@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from .errors import TrainingError
 from .plan import Plan
 from .read import atomic_path
 
@@ -39,6 +40,33 @@ def _all_reduce(sums: dict[str, float]) -> dict[str, float]:
         for k, v in part.items():
             total[k] = total.get(k, 0.0) + v
     return total
+
+
+def _sum_over_ranks(value: float) -> float:
+    """``value`` summed over all ranks (itself without DDP): non-finite when any rank's is."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t)
+    return float(t.item())
+
+
+NON_FINITE_CAUSES = (
+    "usual causes: learning_rate too high (try 10x lower), unnormalised targets (regression values "
+    "far from 0..1 without their scaling), empty masks or wrong groundtruth (all-background or "
+    "mismatched label images)"
+)
+
+
+def non_finite_message(what: str, value: float, epoch: int, step: int | None = None) -> str:
+    """The message of a run stopped by a NaN/inf loss; ``epoch`` and ``step`` are 0-based."""
+    where = f"epoch {epoch + 1}" + (f", step {step + 1}" if step is not None else "")
+    return (f"the {what} is {value} at {where}; training stopped there, nothing of this epoch was saved "
+            f"(checkpoints of earlier epochs are kept: after fixing the cause, --resume RUN_DIR, e.g. with "
+            f"--set learning_rate=..., continues from the last one); {NON_FINITE_CAUSES}")
 
 
 def _unwrap(model):
@@ -84,15 +112,20 @@ def _console(msg: str) -> None:
     stream.flush()
 
 
-def train_epoch(model, batches, steps: int, task, loss_fn, opt, to_dev, scaler=None) -> tuple[float, int, bool]:
+def train_epoch(model, batches, steps: int, task, loss_fn, opt, to_dev, scaler=None, *, epoch: int = 0,
+                check_finite: bool = False) -> tuple[float, int, bool]:
     """``steps`` optimiser steps on batches drawn from the iterator ``batches`` (mixed precision
     when a CUDA ``scaler`` is given). Returns (sum of loss x batch size, samples seen, whether
-    the iterator ran dry). Shared by training and by the tuning trials."""
+    the iterator ran dry). Shared by training and by the tuning trials.
+
+    With ``check_finite``, a NaN/inf loss on any rank raises ``TrainingError`` naming ``epoch``
+    (0-based) and the step, on every rank at the same step and before that step's update, so
+    the weights stay finite and no rank is left waiting in DDP's gradient all-reduce."""
     import torch
 
     model.train()
     loss_sum, n_seen = 0.0, 0
-    for _ in range(steps):
+    for step in range(steps):
         try:
             batch = to_dev(next(batches))
         except StopIteration:
@@ -101,15 +134,22 @@ def train_epoch(model, batches, steps: int, task, loss_fn, opt, to_dev, scaler=N
         if scaler is not None:
             with torch.autocast("cuda", dtype=torch.float16):
                 loss = task.loss(model, batch, loss_fn)
+        else:
+            loss = task.loss(model, batch, loss_fn)
+        value = float(loss.detach())
+        if check_finite:
+            total = _sum_over_ranks(value)
+            if not math.isfinite(total):
+                raise TrainingError([non_finite_message("training loss", total, epoch, step)])
+        if scaler is not None:
             scaler.scale(loss).backward()
             scaler.step(opt)
             scaler.update()
         else:
-            loss = task.loss(model, batch, loss_fn)
             loss.backward()
             opt.step()
         b = batch["image"].shape[0]
-        loss_sum += float(loss.detach()) * b
+        loss_sum += value * b
         n_seen += b
     return loss_sum, n_seen, False
 
@@ -138,8 +178,12 @@ def split_rows(rows: list, world: int) -> dict[str, list]:
     return {name: part for name, part in shards.items() if part}
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Runs inside every Ray Train worker. ``config`` is plain JSON-able data."""
+def train_loop_per_worker(config: dict[str, Any]) -> dict | None:
+    """Runs inside every Ray Train worker. ``config`` is plain JSON-able data.
+
+    Returns None, or ``{"failed": message}`` when training stopped on a non-finite loss: that is
+    the user's to fix, not a lost worker for Ray Train to retry, so the loop reports it (without a
+    checkpoint, the last good one stays) and returns; ``fit`` raises it as a ``TrainingError``."""
     import tempfile
 
     import ray
@@ -244,9 +288,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     epoch = start_epoch
     t_epochs: list[float] = []
     exhausted = False
+    failure: str | None = None
     while epoch < epochs and not exhausted:
         t0 = time.time()
-        loss_sum, n_seen, exhausted = train_epoch(model, it, steps_per_epoch, task, loss_fn, opt, to_dev, scaler)
+        try:
+            loss_sum, n_seen, exhausted = train_epoch(model, it, steps_per_epoch, task, loss_fn, opt, to_dev, scaler,
+                                                      epoch=epoch, check_finite=True)
+        except TrainingError as e:  # raised on every rank at the same step
+            failure = e.problems[0]
+            break
         # every rank takes part in every collective, whatever its own shard held
         tr = _all_reduce({"loss_sum": loss_sum, "n": n_seen, "dry": float(exhausted)})
         exhausted = tr["dry"] > 0
@@ -259,6 +309,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             sums = _all_reduce(sums)
             if sums.get("n", 0) > 0:
                 metrics.update(task.val_summary(sums), val_n=sums["n"])
+                if not math.isfinite(metrics["val_loss"]):  # same sums on every rank: same decision
+                    failure = non_finite_message("validation loss", metrics["val_loss"], epoch)
+                    break
         monitored = metrics.get("val_loss", metrics["loss"])
         improved = stopper.step(monitored, epoch)
         t_epochs.append(time.time() - t0)
@@ -292,6 +345,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             break
     if writer is not None:
         writer.close()
+    if failure is not None:
+        log(f"training stopped: {failure}")
+        ray.train.report({"epoch": epoch, "failed": failure})  # every rank; no checkpoint: the last good one stays
+        return {"failed": failure}
+    return None
+
+
+def _failure(result) -> str | None:
+    """The message of a run that ``train_loop_per_worker`` stopped: its rank-0 return value (Ray
+    Train v2), else the last reported metrics (v1 keeps those without a checkpoint)."""
+    for found in (getattr(result, "return_value", None), getattr(result, "metrics", None)):
+        if isinstance(found, dict) and found.get("failed"):
+            return str(found["failed"])
+    return None
 
 
 def _download(uri: str) -> Path | None:
@@ -382,7 +449,8 @@ def fit(cfg, plan: Plan, inv, run_dir: Path, resources, augment_params, resume: 
         log(f"foreground maps of {len(fg)} label images in {time.time() - t:.1f} s: "
             f"{cfg.foreground_sampling:.0%} of the training tiles centred on labelled pixels")
     rows = training_rows(train_samples, inv.image_shapes, plan, cfg.seed, range(start_epoch, epochs), cfg.tiles_per_image,
-                         foreground=fg, foreground_fraction=cfg.foreground_sampling)
+                         foreground=fg, foreground_fraction=cfg.foreground_sampling,
+                         multiple=cfg.batchsize * resources.num_workers)  # full batches on every worker
     rows_per_epoch = len(rows) // max(1, epochs - start_epoch)
     datasets = {"train": ray_dataset(rows, plan, augment_params)}
     # validation is split here, not by Ray Train's equal split (which drops rows so that every
@@ -429,6 +497,10 @@ def fit(cfg, plan: Plan, inv, run_dir: Path, resources, augment_params, resume: 
         dataset_config=_data_config(plan, cfg.batchsize, list(datasets), split=["train"]),
     )
     result = trainer.fit()
+    failure = _failure(result)
+    if failure is not None:
+        log(f"training stopped: {failure}")  # run.log; the worker's own line went to train.log
+        raise TrainingError([failure])
     if result.checkpoint is None:
         raise RuntimeError("training finished without a checkpoint; see the log above")
     with result.checkpoint.as_directory() as d:
@@ -467,6 +539,9 @@ def _data_config(plan: Plan, batch_size: int, names: list[str], split: list[str]
             cpu=o.resource_limits.cpu, gpu=o.resource_limits.gpu,
             object_store_memory=read_ahead_bytes(plan, batch_size),
         )
+        # rows in the planned order: with per-row seeds, the same config and seed give the same
+        # batches, hence the same weights (Ray Data otherwise yields blocks as tasks finish)
+        o.preserve_order = True
         opts[name] = o
     return DataConfig(datasets_to_split="all" if split is None else list(split), execution_options=opts)
 

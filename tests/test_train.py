@@ -156,3 +156,46 @@ def test_all_reduce_joins_ranks_without_statistics(tmp_path):
     mp.spawn(_all_reduce_rank, args=(f"file://{tmp_path / 'pg'}", out), nprocs=2, join=True)
     for rank in (0, 1):
         assert json.loads(open(f"{out}.{rank}").read()) == {"loss_sum": 2.5, "n": 1.0, "inter": 3.0}
+
+
+class _NaNAtStep:
+    """A task whose loss turns NaN at the ``bad``-th call (1-based)."""
+
+    def __init__(self, bad: int):
+        self.bad, self.calls = bad, 0
+
+    def loss(self, model, batch, loss_fn):
+        self.calls += 1
+        loss = model(batch["image"]).pow(2).mean()
+        return loss * float("nan") if self.calls >= self.bad else loss
+
+
+def test_train_epoch_stops_at_the_first_non_finite_loss():
+    from instantdl_ray.errors import InstantDLError, TrainingError
+    from instantdl_ray.train import train_epoch
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    batches = iter([{"image": torch.randn(2, 3)} for _ in range(10)])
+    task = _NaNAtStep(bad=3)
+    train_epoch(model, batches, 1, task, None, opt, lambda b: b, epoch=0, check_finite=True)  # epoch 1: finite
+    with pytest.raises(TrainingError) as e:
+        train_epoch(model, batches, 5, task, None, opt, lambda b: b, epoch=1, check_finite=True)
+    msg = str(e.value)
+    assert isinstance(e.value, InstantDLError)
+    assert "epoch 2" in msg and "step 2" in msg and "nan" in msg  # the 2nd step of the 2nd epoch
+    assert "learning_rate" in msg and "normalis" in msg and "empty masks" in msg
+    assert task.calls == 3  # stopped at once, no further batch drawn
+    assert all(torch.isfinite(p).all() for p in model.parameters())  # the NaN step never reached the weights
+
+
+def test_train_epoch_without_the_check_keeps_going():
+    """Tuning trials rank a diverged trial last themselves: the check is opt-in."""
+    from instantdl_ray.train import train_epoch
+
+    model = torch.nn.Linear(3, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    batches = iter([{"image": torch.randn(2, 3)} for _ in range(3)])
+    loss_sum, n, dry = train_epoch(model, batches, 3, _NaNAtStep(bad=2), None, opt, lambda b: b)
+    assert n == 6 and not dry and loss_sum != loss_sum  # NaN summed, no error

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -52,3 +53,32 @@ def test_two_workers_validate_every_tile_exactly_once(ray_session, tmp_path, n_t
     assert len(history) == 2
     assert [h.get("val_n") for h in history] == [n_val, n_val]
     assert all("val_loss" in h for h in history)
+
+
+@pytest.mark.timeout(240)
+def test_non_finite_loss_stops_the_run_with_a_message_at_once(ray_session, tmp_path):
+    """A diverging learning rate: the run ends with the package's error naming epoch and step (not
+    Ray Train's retries and then an unrelated error about a missing best model)."""
+    import time
+
+    from instantdl_ray import pipeline
+    from instantdl_ray.errors import TrainingError
+
+    data = make_semantic_set(tmp_path / "data", n_train=4, n_test=1)
+    cfg = config.from_dict({
+        "use_algorithm": "semantic", "path": str(data), "batchsize": 2, "iterations_over_dataset": 20,
+        "learning_rate": 1e30, "tiles_per_image": 8, "calculate_uncertainty": False, "evaluation": False,
+        "ray": {"max_failures": 2},
+    })
+    t = time.time()
+    with pytest.raises(TrainingError) as e:
+        pipeline.run(cfg, out=tmp_path / "run")
+    took = time.time() - t
+    msg = str(e.value)
+    assert "training loss is nan" in msg or "training loss is inf" in msg
+    assert re.search(r"at epoch 1, step \d+;", msg), msg
+    assert "learning_rate" in msg and "empty masks" in msg and "--resume" in msg
+    train_log = (tmp_path / "run" / "logs" / "train.log").read_text()
+    assert train_log.count("worker 0/1") == 1, "retried by Ray Train's max_failures"
+    assert "epoch 1/20" not in train_log  # no epoch finished, so nothing was saved with NaN weights
+    assert took < 120, took
