@@ -120,6 +120,9 @@ class Config(_Strict):
     tiles_per_image: Optional[int] = Field(None, ge=1)  # training tiles drawn per image per epoch
     foreground_sampling: float = Field(0.0, ge=0.0, le=1.0)  # fraction of training tiles centred on labels
     tile_overlap: float = Field(0.25, ge=0.0, lt=1.0)
+    # binary segmentation decision rule: "calibrated" (the validation Jaccard's best threshold,
+    # stored in thresholds.json), "otsu" (InstantDL: per image), or a fixed probability
+    threshold: Union[Literal["calibrated", "otsu"], float] = "calibrated"
     dimensions: Optional[Literal[2, 3]] = None  # None: inferred from image/groundtruth shapes
     axes: Optional[str] = None  # None: inferred, e.g. "YX", "YXC", "CYX", "ZYX"
     ray: RayConfig = Field(default_factory=RayConfig)
@@ -144,6 +147,13 @@ class Config(_Strict):
         v = v.upper()
         if not set(v) <= set("CZYX") or len(set(v)) != len(v) or not {"Y", "X"} <= set(v):
             raise ValueError(f"axes '{v}' must use each of C, Z, Y, X at most once and contain Y and X, e.g. 'YXC'")
+        return v
+
+    @field_validator("threshold")
+    @classmethod
+    def _threshold(cls, v):
+        if isinstance(v, float) and not 0.0 < v < 1.0:
+            raise ValueError(f"threshold must be 'calibrated', 'otsu' or a probability between 0 and 1; got {v}")
         return v
 
     @field_validator("image_size")

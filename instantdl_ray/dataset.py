@@ -212,8 +212,14 @@ def training_rows(
     tiles: int | None = None,
     foreground: dict[str, np.ndarray] | None = None,
     foreground_fraction: float = 0.0,
+    multiple: int = 1,
 ) -> list[dict]:
     """Spec rows for ``epochs`` (e.g. ``range(3, 50)`` when resuming), shuffled per epoch.
+
+    Every epoch holds a multiple of ``multiple`` rows (batch size x workers): a remainder is
+    filled up with extra tiles of randomly chosen images (new positions and augmentation seeds),
+    so every training batch is full. A batch of one breaks BatchNorm ("Expected more than 1 value
+    per channel when training"), and a set smaller than one batch still trains.
 
     Each row carries its own augmentation seed derived from (seed, epoch, position), so a run
     reproduces regardless of how Ray batches or orders rows. With ``foreground`` maps
@@ -242,6 +248,15 @@ def training_rows(
                 if isinstance(s.groundtruth, int):
                     row["label"] = int(s.groundtruth)
                 epoch_rows.append(row)
+        short = (-len(epoch_rows)) % max(1, int(multiple))
+        for k in rng.choice(len(samples), size=short, replace=short > len(samples)) if short else ():
+            s = samples[int(k)]
+            sp = spatial_shape(shapes[str(s.image)], plan.axes)
+            row = {"image": str(s.image), "target": encode_target(s.groundtruth),
+                   "origin": _origins(sp, plan.tile_shape, 1, rng)[0]}
+            if isinstance(s.groundtruth, int):
+                row["label"] = int(s.groundtruth)
+            epoch_rows.append(row)
         for j, k in enumerate(rng.permutation(len(epoch_rows))):
             r = dict(epoch_rows[k])
             r["seed"] = int((seed * 7919 + epoch * EPOCH_SEED_STRIDE + j) % (2**63 - 1))
@@ -252,7 +267,7 @@ def training_rows(
 
 def grid_rows(samples: list[read.Sample], shapes: dict[str, tuple[int, ...]], plan: Plan, overlap: float) -> list[dict]:
     """Spec rows covering each image with the prediction tile grid (validation / prediction)."""
-    from .tile import tile_grid
+    from .tile import grid_overlap, tile_grid
 
     rows = []
     for idx, s in enumerate(samples):
@@ -260,7 +275,7 @@ def grid_rows(samples: list[read.Sample], shapes: dict[str, tuple[int, ...]], pl
         if plan.image_size is not None:  # classification: one row per image
             tiles = [None]
         else:
-            ov = tuple(int(t * overlap) for t in plan.tile_shape)
+            ov = grid_overlap(plan, overlap)
             tiles = tile_grid(tuple(sp), tuple(plan.tile_shape), ov)
         for t_idx, t in enumerate(tiles):
             origin = [0] * len(sp) if t is None else [int(sl.start) - int(p[0]) for sl, p in zip(t.read, t.pad)]

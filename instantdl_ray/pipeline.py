@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
+
 from . import config as config_mod
 from .config import Config
 from .plan import Plan, make_plan
@@ -103,6 +105,7 @@ def run(cfg: Config, out: str | Path | None = None, address: str | None = None, 
     t = time.time()
     model_path = _train(cfg, plan, inv, run_dir, resources, bool(resume), log)
     log.stage("train", t)
+    decide(cfg, plan, run_dir, log)
 
     t = time.time()
     from .predict import predict
@@ -139,6 +142,9 @@ def _plan(cfg: Config, inv: Inventory, run_dir: Path, resume) -> Plan:
         # predict-only from a trained run: its target scaling and split apply
         old = Plan.from_json(Path(w) / "plan.json")
         plan.target_mean, plan.target_std = old.target_mean, old.target_std
+        for key in ("decision", "min_overlap", "object_extent"):  # post-processing and stitching of that run
+            if key in old.extra:
+                plan.extra[key] = old.extra[key]
     plan.to_json(path)
     return plan
 
@@ -149,6 +155,9 @@ def _train(cfg, plan, inv, run_dir: Path, resources, resume: bool, log: Callable
         from .train import fit
 
         params = AugmentParams.from_dict(cfg.data_gen_args.model_dump())
+        if params.save_augmented_images and not resume:
+            paths = save_augmented(cfg, plan, inv, params, run_dir / "augmented")
+            log(f"augmented examples: {len(paths)} in {run_dir / 'augmented'}")
         return fit(cfg, plan, inv, run_dir, resources, params, resume=resume, log=log)
     # predict only (InstantDL: iterations_over_dataset 0 with pretrained weights)
     import torch
@@ -163,6 +172,48 @@ def _train(cfg, plan, inv, run_dir: Path, resources, resume: bool, log: Callable
     best.parent.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), best)
     return best
+
+
+def save_augmented(cfg: Config, plan: Plan, inv: Inventory, params, out_dir: Path, n: int = 8) -> list[Path]:
+    """InstantDL's ``save_augmented_images``: PNGs of the first ``n`` training tiles of epoch 1,
+    read and augmented exactly as the training stream does (``ReadTiles`` + ``augment_batch``, same
+    seeds), image | target side by side."""
+    from .augment import augment_batch, save_examples
+    from .dataset import ReadTiles, training_rows
+    from .tasks import get_task
+
+    by_name = {str(s.image): s for s in inv.samples["train"]}
+    rows = training_rows([by_name[x] for x in plan.train_names], inv.image_shapes, plan, cfg.seed, range(1),
+                         cfg.tiles_per_image)[:n]
+    batch = {k: np.asarray([r[k] for r in rows]) for k in ("image", "target", "origin", "seed")}
+    if "label" in rows[0]:
+        batch["label"] = np.asarray([r["label"] for r in rows])
+    kind = get_task(plan.task).target_kind or "none"
+    out = augment_batch(ReadTiles(plan)(batch), params, kind)
+    targets = out.get("target", out.get("label"))
+    return save_examples(out["image"], list(targets) if targets is not None else None, out_dir, n=n)
+
+
+THRESHOLDS = "thresholds.json"
+
+
+def decide(cfg: Config, plan: Plan, run_dir: Path, log: Callable) -> dict:
+    """The task's post-processing decision (``Task.decision``: e.g. the binary threshold that was
+    best on the validation split at the kept epoch), put in ``plan.extra["decision"]`` and written
+    to ``thresholds.json`` and ``plan.json``, so ``predict`` of this run uses the same rule."""
+    from .tasks import get_task
+
+    hist_path = run_dir / "logs" / "history.json"
+    history = json.loads(hist_path.read_text()) if hist_path.exists() and cfg.iterations_over_dataset > 0 else []
+    decision = get_task(plan.task).decision(cfg, plan, history)
+    if not decision:
+        return {}
+    plan.extra["decision"] = decision
+    with atomic_path(run_dir / THRESHOLDS) as tmp:
+        tmp.write_text(json.dumps(decision, indent=1))
+    plan.to_json(run_dir / "plan.json")
+    log("decision: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in decision.items()))
+    return decision
 
 
 def evaluate_run(run_dir: Path, cfg: Config, plan: Plan, records: list[dict], log: Callable) -> dict:
@@ -200,6 +251,11 @@ def predict_new(run_dir: str | Path, inputs: str | Path, out: str | Path | None 
     run_dir = Path(run_dir).resolve()
     cfg = config_mod.load(run_dir / "config.yaml", overrides or [])
     plan = Plan.from_json(run_dir / "plan.json")
+    from .tasks import get_task
+
+    decision = get_task(plan.task).decision(cfg, plan, [])  # the run's own, unless --set overrides it
+    if decision:
+        plan.extra["decision"] = decision
     model_path = run_dir / "checkpoints" / "best" / "model.pt"
     inputs = Path(inputs)
     problems = []

@@ -135,6 +135,9 @@ def normalize_image(chw: np.ndarray, lohi: list[list[float]]) -> np.ndarray:
     return ((chw - lo) / np.maximum(hi - lo, 1e-6)).astype(np.float32)
 
 
+MIN_CLASSIFICATION_SIZE = 64  # px per side fed to a ResNet (5 halvings leave 2x2 maps)
+
+
 def round_up(n: int, k: int) -> int:
     return int(-(-n // k) * k)
 
@@ -171,6 +174,86 @@ def split_train_val(names: list[str], fraction: float, seed: int) -> tuple[list[
     return sorted(set(names) - set(val)), val
 
 
+# Mask R-CNN stitching keeps each object from a tile that holds it whole (``stitch``), so the
+# prediction overlap must exceed the objects' extent: measured on the training groundtruth.
+OBJECT_IMAGES = 16  # training groundtruths read (evenly spaced over the training set)
+OBJECT_MASKS = 256  # per-object mask files read per image at most (instance folder layout)
+OBJECT_WINDOW = 1024  # in-plane edge of the windows read from a large label image (64 in Z)
+OBJECT_WINDOWS = 4  # windows per large label image
+OBJECT_PERCENTILE = 99.0  # of the objects' bounding-box extents; the rarer giants use the fallback
+OVERLAP_SLACK = 1.1  # predicted masks can be somewhat larger than the groundtruth ones
+
+
+def required_overlap(extent: list[int]) -> list[int]:
+    """Tile overlap (pixels per axis) that lets every object of bounding-box ``extent`` lie whole
+    in some read window: ``extent + 1`` exactly (``stitch``), with ``OVERLAP_SLACK``."""
+    return [int(np.ceil(OVERLAP_SLACK * int(e))) + 1 for e in extent]
+
+
+def object_extents(samples: list, target_axes: str | None, max_images: int = OBJECT_IMAGES) -> list[int] | None:
+    """``OBJECT_PERCENTILE`` percentile over the objects of the samples' label groundtruth of the
+    bounding-box extent per spatial axis, in pixels; None when there are no objects.
+
+    Bounded cost: at most ``max_images`` images; of each either at most ``OBJECT_MASKS`` mask
+    files (instance folder layout), the whole label image when it is small, or else
+    ``OBJECT_WINDOWS`` contiguous windows at seeded positions (objects cut by a window edge inside
+    the image are not counted). A binary groundtruth is split into connected components.
+    """
+    with_gt = [s for s in samples if isinstance(s.groundtruth, (str, Path)) or
+               (isinstance(s.groundtruth, (list, tuple)) and len(s.groundtruth) > 0)]
+    if not with_gt:
+        return None
+    picks = sorted({int(k) for k in np.linspace(0, len(with_gt) - 1, min(max_images, len(with_gt))).round()})
+    ext: list[list[int]] = []
+    for k in picks:
+        ext += _sample_object_extents(with_gt[k], target_axes, seed=k)
+    if not ext:
+        return None
+    return [int(np.ceil(v)) for v in np.percentile(np.asarray(ext, np.float64), OBJECT_PERCENTILE, axis=0)]
+
+
+def _sample_object_extents(sample, target_axes: str | None, seed: int = 0) -> list[list[int]]:
+    from scipy import ndimage as ndi
+
+    gt = sample.groundtruth
+    if isinstance(gt, (list, tuple)):  # one binary mask per object
+        out = []
+        for k in sorted({int(k) for k in np.linspace(0, len(gt) - 1, min(OBJECT_MASKS, len(gt))).round()}):
+            m = read.read_raw(gt[k])
+            m = m[..., 0] if m.ndim == 3 else m
+            nz = np.nonzero(m)
+            if nz[0].size:
+                out.append([int(c.max() - c.min() + 1) for c in nz])
+        return out
+    if not isinstance(gt, (str, Path)) or not Path(gt).exists():
+        return []
+    arr = read.open_array(gt)
+    axes = target_axes if target_axes and len(target_axes) == len(arr.shape) else "ZYX"[-len(arr.shape):]
+    spatial = [(d, int(n)) for d, (a, n) in enumerate(zip(axes, arr.shape)) if a in "ZYX"]
+    window = [min(n, 64 if axes[d] == "Z" else OBJECT_WINDOW) for d, n in spatial]
+    whole = int(np.prod([n for _, n in spatial])) <= 4 * int(np.prod(window))
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(1 if whole else OBJECT_WINDOWS):
+        starts = ([0] * len(spatial) if whole
+                  else [int(rng.integers(0, n - w + 1)) for (_, n), w in zip(spatial, window)])
+        idx = [slice(0, 1)] * len(arr.shape)  # channel axes: the first (the instance labels)
+        for (d, n), a, w in zip(spatial, starts, window):
+            idx[d] = slice(0, n) if whole else slice(a, a + w)
+        lab = np.asarray(arr[tuple(idx)]).reshape([n if whole else w for (_, n), w in zip(spatial, window)])
+        lab = lab.astype(np.int64)
+        if lab.max() <= 1:
+            lab = ndi.label(lab > 0)[0]
+        for box in ndi.find_objects(lab):
+            if box is None:
+                continue
+            if not whole and any((s.start == 0 and a > 0) or (s.stop == w and a + w < n)
+                                 for s, a, w, (_, n) in zip(box, starts, window, spatial)):
+                continue  # cut by the window: its extent is unknown
+            out.append([s.stop - s.start for s in box])
+    return out
+
+
 def make_plan(cfg, inv) -> Plan:
     """Fingerprint the data set described by ``inv`` (from ``validate``) under ``cfg``."""
     from .tasks import get_task
@@ -191,14 +274,21 @@ def make_plan(cfg, inv) -> Plan:
         target_axes = _target_axes(inv.target_shapes[str(first.image)], spatial_axes)
 
     image_size = None
+    extra_fields: dict[str, Any] = {}
     if task.pixelwise:
         tile = default_tile(spatial_shape, cfg.image_size)
     else:
         if cfg.image_size not in (False, None):
-            image_size = [int(cfg.image_size)] * 2 if isinstance(cfg.image_size, int) else [int(s) for s in cfg.image_size]
+            asked = [int(cfg.image_size)] * 2 if isinstance(cfg.image_size, int) else [int(s) for s in cfg.image_size]
         else:
-            side = max(spatial_shape[-2:])
-            image_size = [min(128, round_up(side, 32))] * 2
+            asked = [min(128, round_up(max(spatial_shape[-2:]), 32))] * 2
+        # a ResNet halves the input five times: below 64 px its last stage sees 1x1 maps, where
+        # BatchNorm has (almost) nothing to normalise over; small images are resized up
+        image_size = [max(a, MIN_CLASSIFICATION_SIZE) for a in asked]
+        if image_size != asked:
+            extra_fields["image_size_reason"] = (
+                f"images resized to {image_size} instead of {asked}: the network needs at least "
+                f"{MIN_CLASSIFICATION_SIZE} px per side (its last stage would see 1x1 maps)")
         tile = image_size
 
     train = [str(s.image) for s in inv.samples.get("train", [])]
@@ -219,7 +309,7 @@ def make_plan(cfg, inv) -> Plan:
         dropout=float(cfg.dropout if cfg.dropout is not None else task.default_dropout),
         train_names=tr,
         val_names=va,
-        extra={**fields.get("extra", {}), "augment": cfg.data_gen_args.model_dump()},
+        extra={**fields.get("extra", {}), **extra_fields, "augment": cfg.data_gen_args.model_dump()},
     )
     plan.image_norm = {str(s.image): image_percentiles(s.image, axes, plan.extra["augment"]) for s in samples}
     if plan.extra["augment"].get("threshold_background_groundtruth") and target_axes:
@@ -237,6 +327,17 @@ def make_plan(cfg, inv) -> Plan:
             plan.out_channels = len(plan.target_mean)
         else:  # predict-only: statistics come from the trained run's plan
             plan.target_mean, plan.target_std = [0.0], [1.0]
+    if task.name == "instance" and plan.model.startswith("maskrcnn"):
+        extent = object_extents(inv.samples.get("train", []), target_axes)
+        if extent is not None:
+            plan.extra["object_extent"] = extent
+            plan.extra["min_overlap"] = required_overlap(extent)
+            if any(m > t // 2 for m, t in zip(plan.extra["min_overlap"], plan.tile_shape)):
+                import warnings
+
+                warnings.warn(f"training objects extend up to {extent} pixels, more than half the tile "
+                              f"{plan.tile_shape}: objects that large are stitched from pieces; a larger "
+                              f"image_size keeps them whole")
     return plan
 
 

@@ -95,7 +95,7 @@ def predict(cfg, plan: Plan, samples: list[read.Sample], shapes: dict, model_pat
     from .dataset import grid_rows, ray_dataset, spatial_shape
     from .stitch import ImageAccumulator
     from .tasks import get_task
-    from .tile import tile_grid
+    from .tile import grid_overlap, tile_grid
 
     task = get_task(plan.task)
     passes = cfg.mc_passes if cfg.calculate_uncertainty and not plan.model.startswith("maskrcnn") else 1
@@ -135,7 +135,7 @@ def predict(cfg, plan: Plan, samples: list[read.Sample], shapes: dict, model_pat
                 continue
             if idx not in accs:
                 sp = tuple(spatial_shape(shapes[str(s.image)], plan.axes))
-                ov = tuple(int(t * cfg.tile_overlap) for t in plan.tile_shape)
+                ov = grid_overlap(plan, cfg.tile_overlap)  # the grid grid_rows read
                 accs[idx] = ImageAccumulator(sp, tile_grid(sp, tuple(plan.tile_shape), ov), tuple(plan.tile_shape),
                                              scratch=out_dir / ".scratch" / s.stem,
                                              keys=getattr(task, "finalize_inputs", None))
@@ -188,6 +188,9 @@ def _write_pixel(s: read.Sample, out: dict, pred_dir: Path, unc_dir: Path) -> di
         u = out["uncertainty"]
         rec["uncertainty"] = str(read.write_tiff(unc_dir / f"{s.stem}.tif", u.astype(np.float32)))
         rec["mean_uncertainty"] = float(np.mean(u))
+    if out.get("mutual_information") is not None:
+        path = unc_dir / f"{s.stem}{MI_SUFFIX}.tif"
+        rec["mutual_information"] = str(read.write_tiff(path, out["mutual_information"].astype(np.float32)))
     if out.get("threshold") is not None:
         rec["threshold"] = out["threshold"]
     if "scores" in out and pred.ndim >= 2:
@@ -199,6 +202,7 @@ def _write_pixel(s: read.Sample, out: dict, pred_dir: Path, unc_dir: Path) -> di
 
 # ---------------------------------------------------------------- large images, block by block
 
+MI_SUFFIX = "_mutual_information"  # uncertainty/<stem>.tif: predictive entropy; <stem>_mutual_information.tif: BALD
 TIFF_TILE = 512  # tiles of the BigTIFFs written for large images (= stitch.STREAM_BLOCK in-plane)
 
 
@@ -241,7 +245,7 @@ def _write_blockwise(s: read.Sample, acc, task, plan: Plan, pred_dir: Path, unc_
     stitched = acc.stitched()
     blocks = acc.blocks()
     stats = task.finalize_stats(stitched, plan, blocks)
-    pred_z = unc_z = None
+    pred_z = unc_z = mi_z = None
     u_sum, u_n = 0.0, 0
     for b in blocks:
         out = task.finalize_block({k: np.asarray(v[(slice(None),) + b]) for k, v in stitched.items()}, plan, stats)
@@ -258,12 +262,19 @@ def _write_blockwise(s: read.Sample, acc, task, plan: Plan, pred_dir: Path, unc_
             unc_z[(slice(None),) * len(ulead) + b] = u
             u_sum += float(np.sum(u, dtype=np.float64))
             u_n += u.size
+        mi = out.get("mutual_information")
+        if mi is not None:
+            if mi_z is None:
+                mi_z = _output_zarr(unc_dir / f"{s.stem}{MI_SUFFIX}.zarr", (), acc.shape, np.float32)
+            mi_z[b] = mi
     rec = {"name": s.stem, "image": str(s.image), "prediction": str(write_tiff_tiles(pred_dir / f"{s.stem}.tif", pred_z)),
            "uncertainty": None, "groundtruth": s.groundtruth, "prediction_zarr": str(pred_dir / f"{s.stem}.zarr")}
     if unc_z is not None:
         rec["uncertainty"] = str(write_tiff_tiles(unc_dir / f"{s.stem}.tif", unc_z))
         rec["uncertainty_zarr"] = str(unc_dir / f"{s.stem}.zarr")
         rec["mean_uncertainty"] = u_sum / max(u_n, 1)
+    if mi_z is not None:
+        rec["mutual_information"] = str(write_tiff_tiles(unc_dir / f"{s.stem}{MI_SUFFIX}.tif", mi_z))
     if stats.get("threshold") is not None:
         rec["threshold"] = stats["threshold"]
     return rec

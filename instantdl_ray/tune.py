@@ -128,7 +128,7 @@ def _trial(trial: dict[str, Any], *, setup: dict[str, Any]) -> None:
     def to_dev(batch: dict) -> dict:
         return {k: v.to(device) for k, v in batch.items() if k in ("image", "target", "label")}
 
-    it = iter(train_ds.iter_torch_batches(batch_size=bs, drop_last=False, prefetch_batches=2))
+    it = iter(train_ds.iter_torch_batches(batch_size=bs, drop_last=True, prefetch_batches=2))
     steps = max(1, math.ceil(rows_per_epoch / bs))
     stopper = EarlyStopping(int(setup["patience"]))
     for epoch in range(epochs):

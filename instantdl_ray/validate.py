@@ -86,6 +86,12 @@ def check_config_choices(cfg: Config) -> list[str]:
             f"foreground_sampling: {cfg.foreground_sampling} needs label images (SemanticSegmentation or "
             f"InstanceSegmentation); {cfg.use_algorithm} has none. Remove the key or set it to 0"
         )
+    if cfg.data_gen_args.resample_images not in (False, 0, None):
+        problems.append(
+            f"data_gen_args.resample_images: {cfg.data_gen_args.resample_images!r} is not supported (tiles are read "
+            "at the files' own resolution and InstantDL's resampling would change it silently); set it to false and "
+            "resize the images beforehand, or, for classification, set image_size"
+        )
     if cfg.iterations_over_dataset == 0 and not w:
         problems.append(
             "iterations_over_dataset: 0 means 'predict only' and needs pretrained_weights (a trained run); "

@@ -81,13 +81,18 @@ def _both(tmp_path, monkeypatch, task_name, plan, fields, block=None, order=None
     return rec_mem, rec_big
 
 
-@pytest.mark.parametrize("block", [None, 192])
-def test_blockwise_binary_semantic_equals_whole_image(tmp_path, monkeypatch, block):
+@pytest.mark.parametrize("block,rule", [(None, "otsu"), (192, "otsu"), (192, 0.4)])
+def test_blockwise_binary_semantic_equals_whole_image(tmp_path, monkeypatch, block, rule):
     rng = np.random.default_rng(0)
-    fields = {"prob": _field(rng, 1), "entropy": _field(rng, 1), "mutual_information": _field(rng, 1)}
-    rec_mem, rec_big = _both(tmp_path, monkeypatch, "semantic", _plan("semantic"), fields, block=block)
+    fields = {"prob": _field(rng, 1), "expected_entropy": 0.5 * _field(rng, 1)}
+    plan = _plan("semantic", extra={"decision": {"threshold": rule}})
+    rec_mem, rec_big = _both(tmp_path, monkeypatch, "semantic", plan, fields, block=block)
     assert rec_big["threshold"] == rec_mem["threshold"]  # same 256 bins, same counts: the same Otsu threshold
     assert 0.25 <= rec_big["threshold"] <= 0.75
+    if rule != "otsu":
+        assert rec_big["threshold"] == rule
+    ma, mb = tifffile.imread(rec_mem["mutual_information"]), tifffile.imread(rec_big["mutual_information"])
+    np.testing.assert_array_equal(ma, mb)
     a, b = tifffile.imread(rec_mem["prediction"]), tifffile.imread(rec_big["prediction"])
     assert a.dtype == b.dtype == np.uint8 and a.shape == b.shape == SHAPE
     np.testing.assert_array_equal(a, b)

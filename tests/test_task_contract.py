@@ -32,8 +32,10 @@ CASES = [
     ("instance", "maskrcnn", (64, 64), None),
     ("regression", "unet", (32, 32), None),
     ("regression", "unet", (16, 32, 32), None),
-    ("classification", "resnet18", (32, 32), 3),
-    ("classification", "resnet50", (32, 32), 3),
+    # the planner's smallest classification size (plan.MIN_CLASSIFICATION_SIZE): at 32 px a ResNet's
+    # last stage sees 1x1 maps and a batch of two gives BatchNorm two values per channel
+    ("classification", "resnet18", (64, 64), 3),
+    ("classification", "resnet50", (64, 64), 3),
 ]
 PREDICTION_DTYPE = {"semantic": np.uint8, "instance": np.uint16, "regression": np.float32}
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
+from instantdl_ray import dataset, read
 from instantdl_ray.tile import (
     Tile,
     blend_weights,
@@ -267,3 +270,22 @@ def test_foreground_maps_read_only_labels_of_images_larger_than_a_tile(tmp_path)
     maps = dataset.foreground_maps(samples, {"big.tif": (200, 100), "small.tif": (64, 64)}, plan)
     assert list(maps) == ["big.tif"]  # the small image's label is never opened
     assert set(map(tuple, np.argwhere(maps["big.tif"] > 0))) == {(9, 3)}
+
+
+def test_training_epochs_hold_whole_batches_only():
+    """A remainder of one row made a BatchNorm batch of one (InstantDL's own classification example,
+    batch size 2): each epoch is filled up to a multiple of batch size x workers."""
+    from instantdl_ray.plan import Plan
+
+    plan = Plan(task="classification", spatial_dims=2, axes="YXC", target_axes=None, in_channels=3, out_channels=2,
+                num_classes=2, class_names=["a", "b"], tile_shape=[64, 64], image_size=[64, 64], model="resnet50",
+                loss="categorical_crossentropy", dropout=0.5)
+    samples = [read.Sample(f"c{i}", Path(f"c{i}.png"), i % 2) for i in range(5)]
+    shapes = {str(s.image): (28, 28, 3) for s in samples}
+    for multiple in (1, 2, 4, 8):
+        rows = dataset.training_rows(samples, shapes, plan, 0, range(3), multiple=multiple)
+        per_epoch = [sum(r["epoch"] == e for r in rows) for e in range(3)]
+        assert all(n % multiple == 0 and n >= max(5, multiple) for n in per_epoch), (multiple, per_epoch)
+        assert {r["image"] for r in rows} == {str(s.image) for s in samples}  # every image still seen
+        assert len({r["seed"] for r in rows}) == len(rows)  # filled-up rows get their own augmentation
+    assert len(dataset.training_rows(samples, shapes, plan, 0, range(1))) == 5  # nothing added without need

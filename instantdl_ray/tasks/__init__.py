@@ -64,9 +64,18 @@ class Task:
     def val_summary(self, sums: dict[str, float]) -> dict[str, float]:
         return {"val_loss": sums["loss_sum"] / max(sums["n"], 1)}
 
+    # ---- after training (driver)
+    def decision(self, cfg, plan, history: list[dict]) -> dict:
+        """Post-processing parameters for prediction, calibrated on the validation split from the
+        training ``history`` (one dict per epoch, ``logs/history.json``) or taken from ``cfg``:
+        stored in ``plan.extra["decision"]`` and the run's ``thresholds.json``. ``{}``: none."""
+        return {}
+
     # ---- prediction (inside Ray actors)
     def predict_batch(self, model, x, passes: int) -> dict[str, np.ndarray]:
-        """``x (B, C, ...)`` -> averageable outputs, e.g. {"prob": (B, K, ...), "entropy": (B, 1, ...)}."""
+        """``x (B, C, ...)`` -> averageable outputs, e.g. {"prob": (B, K, ...), "expected_entropy": (B, 1, ...)};
+        non-linear summaries of them (entropy, mutual information) are computed in ``finalize``,
+        after stitching."""
         raise NotImplementedError
 
     def finalize(self, stitched: dict[str, np.ndarray], plan) -> dict[str, np.ndarray]:

@@ -14,7 +14,7 @@ import contextlib
 import numpy as np
 
 from . import TASKS, Task, mc_samples
-from .semantic import categorical_entropy
+from .semantic import mc_outputs, uncertainty_maps
 
 MAX_OBJECTS = 512  # per tile; DSB images hold up to ~400 nuclei
 SCORE_THRESHOLD = 0.5
@@ -208,12 +208,7 @@ class Instance(Task):
         import torch
 
         if not self.is_maskrcnn_model(model):
-            probs = torch.softmax(mc_samples(model, x, passes), 2)  # (T, B, 3, ...)
-            mean = probs.mean(0)
-            out = {"prob": mean.cpu().numpy()}
-            if passes > 1:
-                out["entropy"] = categorical_entropy(mean, 1).cpu().numpy()
-            return out
+            return mc_outputs(mc_samples(model, x, passes), passes)  # softmax over the 3 classes
         model.eval()
         with torch.no_grad():
             dets = model(list(_rgb(x)))
@@ -234,8 +229,4 @@ class Instance(Task):
     def finalize(self, stitched, plan):
         if "labels" in stitched:
             return {"prediction": stitched["labels"].astype(np.uint16), "scores": stitched.get("object_scores")}
-        lab = split_objects(stitched["prob"])
-        out = {"prediction": lab}
-        if "entropy" in stitched:
-            out["uncertainty"] = stitched["entropy"][0].astype(np.float32)
-        return out
+        return {"prediction": split_objects(stitched["prob"]), **uncertainty_maps(stitched)}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from . import TASKS, Task, mc_samples
@@ -9,6 +11,45 @@ from . import TASKS, Task, mc_samples
 # Otsu on a probability map of an image with (almost) no foreground splits noise; keep the
 # threshold in a sane band around 0.5 so empty images stay empty.
 OTSU_CLIP = (0.25, 0.75)
+# Candidate thresholds of the binary decision, scored on the validation split every epoch (summable
+# intersection / union per candidate); the best one at the kept epoch is the run's threshold.
+THRESHOLDS = tuple(round(0.1 + 0.05 * i, 2) for i in range(17))  # 0.10 ... 0.90
+
+
+def binary_entropy_np(p: np.ndarray) -> np.ndarray:
+    """``binary_entropy`` for numpy arrays (after stitching)."""
+    p = np.clip(p.astype(np.float64), 1e-6, 1 - 1e-6)
+    return (-(p * np.log2(p) + (1 - p) * np.log2(1 - p))).astype(np.float32)
+
+
+def categorical_entropy_np(p: np.ndarray, axis: int = 0) -> np.ndarray:
+    """``categorical_entropy`` for numpy arrays ``(K, ...)`` (after stitching), keeps the axis."""
+    k = p.shape[axis]
+    q = np.clip(p.astype(np.float64), 1e-8, None)
+    return (-(q * np.log(q)).sum(axis, keepdims=True) / np.log(max(k, 2))).astype(np.float32)
+
+
+def uncertainty_maps(stitched: dict) -> dict:
+    """Predictive entropy and mutual information (BALD) from stitched averageable outputs.
+
+    Entropy is not linear in the probabilities, so tiles are blended as mean probabilities
+    (``prob``) and expected per-pass entropy (``expected_entropy``), and the non-linear summaries
+    are computed here, after stitching: ``uncertainty`` = H(mean p) (total predictive
+    uncertainty, in [0, 1]), ``mutual_information`` = H(mean p) - mean H(p) (the model's own,
+    epistemic part). ``prob`` ``(K, ...)``: K = 1 sigmoid, else softmax classes.
+    """
+    if "expected_entropy" not in stitched:
+        return {}
+    prob = np.asarray(stitched["prob"])
+    ent = binary_entropy_np(prob[0]) if prob.shape[0] == 1 else categorical_entropy_np(prob, 0)[0]
+    mi = np.maximum(ent - np.asarray(stitched["expected_entropy"])[0], 0).astype(np.float32)
+    return {"uncertainty": ent, "mutual_information": mi}
+
+
+def decision_threshold(plan) -> float | str:
+    """The binary decision rule of a run: ``plan.extra["decision"]["threshold"]`` (``Task.decision``,
+    also in the run's ``thresholds.json``), a probability or ``"otsu"``; 0.5 without one."""
+    return plan.extra.get("decision", {}).get("threshold", 0.5)
 
 
 def binary_entropy(p):
@@ -64,63 +105,72 @@ class Semantic(Task):
         out = model(batch["image"])
         y = batch["target"]
         n = out.shape[0]
-        if out.shape[1] == 1:
-            pred = (out > 0).float()
-            fg = y > 0.5
+        sums = {"loss_sum": float(loss_fn(out, y)) * n, "n": n}
+        if out.shape[1] == 1:  # binary: Jaccard at every candidate threshold of the probability
+            p, fg = torch.sigmoid(out), y > 0.5
+            for i, t in enumerate(THRESHOLDS):
+                sums[f"inter_{i}"] = float(torch.sum((p > t) & fg))
+                sums[f"union_{i}"] = float(torch.sum((p > t) | fg))
         else:
-            pred = out.argmax(1, keepdim=True) > 0
-            fg = y > 0
-            pred = pred.float()
-        inter = float(torch.sum((pred > 0) & fg))
-        union = float(torch.sum((pred > 0) | fg))
-        return {"loss_sum": float(loss_fn(out, y)) * n, "n": n, "inter": inter, "union": union}
+            pred, fg = out.argmax(1, keepdim=True) > 0, y > 0
+            sums["inter"] = float(torch.sum(pred & fg))
+            sums["union"] = float(torch.sum(pred | fg))
+        return sums
 
     def val_summary(self, sums):
-        return {
-            "val_loss": sums["loss_sum"] / max(sums["n"], 1),
-            "val_jaccard": sums["inter"] / sums["union"] if sums["union"] > 0 else 1.0,
-        }
+        out = {"val_loss": sums["loss_sum"] / max(sums["n"], 1)}
+        if "inter" in sums:
+            out["val_jaccard"] = sums["inter"] / sums["union"] if sums["union"] > 0 else 1.0
+            return out
+        # the decision rule used for the test images too: the best threshold on validation
+        jac = [sums[f"inter_{i}"] / sums[f"union_{i}"] if sums[f"union_{i}"] > 0 else 1.0 for i in range(len(THRESHOLDS))]
+        best = int(np.argmax(jac))
+        out.update(val_jaccard=jac[best], val_threshold=THRESHOLDS[best],
+                   val_jaccard_at_05=jac[THRESHOLDS.index(0.5)])
+        return out
+
+    def decision(self, cfg, plan, history):
+        """Binary masks: the threshold. ``threshold: calibrated`` (default) takes the one that gave
+        the best validation Jaccard at the kept (best) epoch — the rule the model was validated
+        with, as StarDist's ``thresholds.json``; ``otsu`` (InstantDL: per image) or a number as
+        configured. Multi-class: argmax, nothing to decide."""
+        if plan.num_classes != 1:
+            return {}
+        if cfg.threshold != "calibrated":
+            return {"threshold": cfg.threshold, "rule": "config"}
+        if not history:  # predict only / a new config on a trained run: keep what was decided
+            return plan.extra.get("decision") or {"threshold": 0.5, "rule": "default (nothing to calibrate on)"}
+        best = history[-1].get("best_epoch", -1)
+        row = next((h for h in history if h.get("epoch") == best and "val_threshold" in h), None)
+        if row is None:
+            return {"threshold": 0.5, "rule": "default (no validation split)"}
+        return {"threshold": float(row["val_threshold"]), "rule": "calibrated on the validation split",
+                "val_jaccard": float(row["val_jaccard"]), "val_jaccard_at_0.5": float(row.get("val_jaccard_at_05", math.nan)),
+                "epoch": int(best) + 1}
 
     def predict_batch(self, model, x, passes):
         import torch
 
         logits = mc_samples(model, x, passes)  # (T, B, K, ...)
-        if logits.shape[2] == 1:
-            p = torch.sigmoid(logits)
-            mean = p.mean(0)
-            ent = binary_entropy(mean)
-            mi = ent - binary_entropy(p).mean(0)
-        else:
-            p = torch.softmax(logits, 2)
-            mean = p.mean(0)
-            ent = categorical_entropy(mean, 1)
-            mi = ent - categorical_entropy(p, 2).mean(0)
-        out = {"prob": mean.cpu().numpy()}
-        if passes > 1:
-            out["entropy"] = ent.cpu().numpy()
-            out["mutual_information"] = mi.clamp_min(0).cpu().numpy()
-        return out
+        return mc_outputs(logits, passes)
 
     def finalize(self, stitched, plan):
         prob = stitched["prob"]
         if prob.shape[0] == 1:
-            from skimage.filters import threshold_otsu
-
             p = prob[0]
-            t = 0.5
-            if p.max() > p.min():
-                t = float(np.clip(threshold_otsu(p), *OTSU_CLIP))
+            t = decision_threshold(plan)
+            if t == "otsu":
+                from skimage.filters import threshold_otsu
+
+                t = float(np.clip(threshold_otsu(p), *OTSU_CLIP)) if p.max() > p.min() else 0.5
             pred = (p > t).astype(np.uint8)
         else:
             pred = prob.argmax(0).astype(np.uint8)
             t = None
-        out = {"prediction": pred, "threshold": t}
-        if "entropy" in stitched:
-            out["uncertainty"] = stitched["entropy"][0].astype(np.float32)
-        return out
+        return {"prediction": pred, "threshold": t, **uncertainty_maps(stitched)}
 
     # ---- blockwise finalisation (images stitched on the streaming path, stitch.ImageAccumulator)
-    finalize_inputs = ("prob", "entropy")  # what finalize reads; the streaming path keeps only these
+    finalize_inputs = ("prob", "expected_entropy")  # what finalize reads; the streaming path keeps only these
 
     def build_model(self, plan):
         from ..models import build_model
@@ -138,6 +188,8 @@ class Semantic(Task):
         prob = stitched["prob"]
         if prob.shape[0] != 1:
             return {"threshold": None}
+        if decision_threshold(plan) != "otsu":
+            return {"threshold": decision_threshold(plan)}
         lo, hi = _value_range(prob, blocks)
         if not hi > lo:
             return {"threshold": 0.5}
@@ -158,10 +210,26 @@ class Semantic(Task):
             pred = (prob[0] > stats["threshold"]).astype(np.uint8)
         else:
             pred = prob.argmax(0).astype(np.uint8)
-        out = {"prediction": pred}
-        if "entropy" in stitched:
-            out["uncertainty"] = stitched["entropy"][0].astype(np.float32)
-        return out
+        return {"prediction": pred, **uncertainty_maps(stitched)}
+
+
+def mc_outputs(logits, passes: int) -> dict:
+    """Averageable outputs of ``passes`` MC logits ``(T, B, K, ...)`` (sigmoid for K = 1, else
+    softmax): mean probabilities ``prob`` and, with passes > 1, the expected per-pass entropy
+    ``expected_entropy`` ``(B, 1, ...)``; ``uncertainty_maps`` turns them into entropy and mutual
+    information after stitching."""
+    import torch
+
+    if logits.shape[2] == 1:
+        p = torch.sigmoid(logits)
+        per_pass = binary_entropy(p)
+    else:
+        p = torch.softmax(logits, 2)
+        per_pass = categorical_entropy(p, 2)
+    out = {"prob": p.mean(0).cpu().numpy()}
+    if passes > 1:
+        out["expected_entropy"] = per_pass.mean(0).cpu().numpy()
+    return out
 
 
 OTSU_BINS = 256  # skimage threshold_otsu's default
