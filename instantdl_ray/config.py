@@ -112,6 +112,9 @@ class Config(_Strict):
     evaluation: bool = True
     # --- ours
     model: Optional[str] = None  # None: the task's default network
+    # a pretrained_weights file that pickled Python objects besides tensors is loaded only with this
+    # opt-in: the full unpickler runs code from the file (a warning is logged when it is used)
+    trust_pretrained_weights: bool = False
     learning_rate: float = Field(1e-3, gt=0)
     early_stopping_patience: int = Field(10, ge=1)
     validation_split: float = Field(0.2, ge=0.0, lt=1.0)

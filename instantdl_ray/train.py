@@ -178,6 +178,25 @@ def split_rows(rows: list, world: int) -> dict[str, list]:
     return {name: part for name, part in shards.items() if part}
 
 
+def _plain(metrics: dict) -> dict:
+    """Metrics as Python numbers (a task may return numpy scalars, which ``weights_only`` refuses)."""
+    return {k: v.item() if hasattr(v, "item") else v for k, v in metrics.items()}
+
+
+def save_checkpoint(folder: Path, model, best_state: dict | None, *, epoch: int, history: list[dict], opt,
+                    stopper: EarlyStopping, stopped_early: bool) -> None:
+    """The run's checkpoint files, all loadable with ``torch.load(weights_only=True)`` (tensors and
+    plain data): ``model.pt`` (current weights), ``best.pt`` and ``state.pt`` (epoch, history,
+    optimizer, early stopping)."""
+    import torch
+
+    torch.save(_unwrap(model).state_dict(), folder / MODEL_FILE)
+    torch.save(best_state, folder / BEST_FILE)
+    torch.save({"epoch": int(epoch), "history": [_plain(h) for h in history], "optimizer": opt.state_dict(),
+                "early_stopping": _plain(stopper.state()), "stopped_early": bool(stopped_early)},
+               folder / STATE_FILE)
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> dict | None:
     """Runs inside every Ray Train worker. ``config`` is plain JSON-able data.
 
@@ -229,9 +248,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict | None:
             ckpt = planned
     if ckpt is not None:
         with ckpt.as_directory() as d:
-            model.load_state_dict(torch.load(Path(d) / MODEL_FILE, map_location="cpu"))
-            st = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
-            best_state = torch.load(Path(d) / BEST_FILE, map_location="cpu")
+            model.load_state_dict(torch.load(Path(d) / MODEL_FILE, map_location="cpu", weights_only=True))
+            st = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
+            best_state = torch.load(Path(d) / BEST_FILE, map_location="cpu", weights_only=True)
         start_epoch, history, opt_state = st["epoch"] + 1, st["history"], st["optimizer"]
         stopper = EarlyStopping(int(config["patience"]), **st["early_stopping"])
         log(f"resumed from checkpoint after epoch {start_epoch} (best val loss {stopper.best:.4g})")
@@ -240,7 +259,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict | None:
         if config.get("pretrained_weights"):
             from .weights import load_pretrained
 
-            info = load_pretrained(model, config["pretrained_weights"], model_name=plan.model, log=log)
+            info = load_pretrained(model, config["pretrained_weights"], model_name=plan.model, log=log,
+                                   trust=bool(config.get("trust_pretrained_weights")))
             log(f"pretrained weights: {len(info['loaded'])} tensors loaded, {len(info['skipped'])} skipped")
 
     model = ray.train.torch.prepare_model(
@@ -316,6 +336,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict | None:
         improved = stopper.step(monitored, epoch)
         t_epochs.append(time.time() - t0)
         metrics.update(best_val_loss=stopper.best, best_epoch=stopper.best_epoch, epoch_time_s=t_epochs[-1])
+        metrics = _plain(metrics)
         history.append(metrics)
         left = (epochs - epoch - 1) * float(np.mean(t_epochs[-3:]))
         shown = "  ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k.startswith(("loss", "val_")))
@@ -332,10 +353,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict | None:
         with tempfile.TemporaryDirectory() as tmp:
             ckpt_out = None
             if rank == 0:
-                torch.save(_unwrap(model).state_dict(), Path(tmp) / MODEL_FILE)
-                torch.save(best_state, Path(tmp) / BEST_FILE)
-                torch.save({"epoch": epoch, "history": history, "optimizer": opt.state_dict(),
-                            "early_stopping": stopper.state(), "stopped_early": stop}, Path(tmp) / STATE_FILE)
+                save_checkpoint(Path(tmp), model, best_state, epoch=epoch, history=history, opt=opt,
+                                stopper=stopper, stopped_early=stop)
                 ckpt_out = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=ckpt_out)
         epoch += 1
@@ -400,7 +419,7 @@ def _read_epoch(ckpt_dir: Path) -> int:
     import torch
 
     try:
-        return int(torch.load(ckpt_dir / STATE_FILE, map_location="cpu", weights_only=False)["epoch"])
+        return int(torch.load(ckpt_dir / STATE_FILE, map_location="cpu", weights_only=True)["epoch"])
     except Exception:
         return -1
 
@@ -427,7 +446,7 @@ def fit(cfg, plan: Plan, inv, run_dir: Path, resources, augment_params, resume: 
     if resume:
         last = latest_checkpoint(storage)
         if last is not None:
-            st = torch.load(last / STATE_FILE, map_location="cpu", weights_only=False)
+            st = torch.load(last / STATE_FILE, map_location="cpu", weights_only=True)
             if st.get("stopped_early"):
                 log(f"training had already stopped early at epoch {st['epoch'] + 1}; using its best model")
                 return _export_best(last, run_dir, st["history"])
@@ -473,6 +492,7 @@ def fit(cfg, plan: Plan, inv, run_dir: Path, resources, augment_params, resume: 
         "val_datasets": sorted(val_shards),
         "torch_threads": resources.torch_threads,
         "pretrained_weights": None if resume_ckpt or not cfg.pretrained_weights else str(cfg.pretrained_weights),
+        "trust_pretrained_weights": bool(cfg.trust_pretrained_weights),
         "log_file": str(run_dir / "logs" / "train.log"),
         "tensorboard_dir": str(run_dir / "logs" / "tensorboard"),
         "resume_from": str(resume_ckpt) if resume_ckpt else None,
@@ -504,7 +524,7 @@ def fit(cfg, plan: Plan, inv, run_dir: Path, resources, augment_params, resume: 
     if result.checkpoint is None:
         raise RuntimeError("training finished without a checkpoint; see the log above")
     with result.checkpoint.as_directory() as d:
-        st = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
+        st = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
         return _export_best(Path(d), run_dir, st["history"])
 
 

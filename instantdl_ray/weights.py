@@ -11,6 +11,10 @@
   (maskrcnn): torchvision's published weights, read from the torch hub cache. Nothing is
   downloaded when the file is cached, so clusters without internet work once it is copied there.
 
+Files are read with ``torch.load(weights_only=True)`` (tensors and plain data). A file that
+pickled other Python objects needs the full unpickler, which runs code from the file: it is
+refused unless the config opts in with ``trust_pretrained_weights: true`` (logged as a warning).
+
 Parameters are matched by name *and* shape, so a head trained for another class count is
 skipped and reported instead of failing the whole load (Keras' ``by_name=True,
 skip_mismatch=True`` that InstantDL used, made explicit).
@@ -18,6 +22,7 @@ skip_mismatch=True`` that InstantDL used, made explicit).
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 from pathlib import Path
@@ -28,6 +33,9 @@ import torch
 from torch import nn
 
 from instantdl_ray.errors import WeightsError
+
+logger = logging.getLogger(__name__)
+TRUST_KEY = "trust_pretrained_weights"
 
 RUN_CHECKPOINT = Path("checkpoints") / "best" / "model.pt"
 CHECKPOINT_FILE = "model.pt"
@@ -151,15 +159,36 @@ def _named_state_dict(weights_name: str, log: Callable[[str], Any]) -> tuple[dic
     return state, f"{weights_name} ({url})"
 
 
-def _load_file(path: Path, log: Callable[[str], Any]) -> Any:
+def _unsupported_global(e: Exception) -> str:
+    """`` It pickled numpy._core.multiarray.scalar.`` from torch's long weights-only message, or ''."""
+    import re
+
+    m = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+    return f" It pickled {m.group(1)}." if m else ""
+
+
+def _load_file(path: Path, log: Callable[[str], Any], trust: bool = False) -> Any:
     try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        # extra Python objects (a config, a class instance) need the full unpickler, which runs
+        # code from the file: only for a file the user said they trust
+        if not trust:
+            raise WeightsError([
+                f"pretrained_weights: '{path}' holds Python objects besides tensors; loading it needs the "
+                f"full unpickler, which runs code from the file. If you trust where it comes from, set "
+                f"{TRUST_KEY}: true; else re-save only its state dict "
+                f"(torch.save(model.state_dict(), 'weights.pt')).{_unsupported_global(e)}"
+            ]) from e
+        msg = f"{path}: not a plain tensor file; {TRUST_KEY}: true, so loading it with full unpickling (runs its code)"
+        logger.warning(msg)
+        log(f"WARNING: {msg}")
         try:
-            return torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError:
-            # Checkpoints that pickled extra Python objects (e.g. a config) need the full
-            # unpickler, which runs code from the file: acceptable for a file the user named.
-            log(f"{path}: not a plain tensor file; loading it with full unpickling")
             return torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as e2:
+            raise WeightsError([
+                f"pretrained_weights: cannot read '{path}' as a PyTorch file ({type(e2).__name__}: {e2})."
+            ]) from e2
     except Exception as e:
         raise WeightsError([
             f"pretrained_weights: cannot read '{path}' as a PyTorch file ({type(e).__name__}: {e})."
@@ -209,7 +238,7 @@ def _adapt_input_conv(src: torch.Tensor, shape: torch.Size) -> torch.Tensor | No
 
 
 def load_pretrained(
-    model: nn.Module, spec: str | Path, *, model_name: str, log: Callable[[str], Any] = print
+    model: nn.Module, spec: str | Path, *, model_name: str, log: Callable[[str], Any] = print, trust: bool = False
 ) -> dict:
     """Copy matching tensors from ``spec`` into ``model`` in place.
 
@@ -222,6 +251,8 @@ def load_pretrained(
         spec: see :func:`resolve_weights`.
         model_name: the registered name of ``model``.
         log: receives one summary line plus one line per skipped tensor.
+        trust: the config's ``trust_pretrained_weights``: allow files that need the full
+            unpickler (it runs code from the file); off, such a file raises ``WeightsError``.
 
     Returns:
         ``{"source": str, "loaded": [names], "skipped": [(name, reason)], "missing": [names],
@@ -229,13 +260,14 @@ def load_pretrained(
         or ``"not in model"``; ``missing`` lists model tensors the file did not provide.
 
     Raises:
-        WeightsError: everything :func:`resolve_weights` raises, unreadable files, and a file
-            of which not a single tensor fits the model (surely the wrong file).
+        WeightsError: everything :func:`resolve_weights` raises, unreadable files, files with
+            pickled Python objects unless ``trust``, and a file of which not a single tensor fits
+            the model (surely the wrong file).
     """
     resolved = resolve_weights(spec, model_name)
     adapt = False
     if isinstance(resolved, Path):
-        state = _extract_state_dict(_load_file(resolved, log), resolved)
+        state = _extract_state_dict(_load_file(resolved, log, trust), resolved)
         source, prefix = str(resolved), ""
     else:
         state, source = _named_state_dict(resolved, log)

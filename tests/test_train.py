@@ -199,3 +199,53 @@ def test_train_epoch_without_the_check_keeps_going():
     batches = iter([{"image": torch.randn(2, 3)} for _ in range(3)])
     loss_sum, n, dry = train_epoch(model, batches, 3, _NaNAtStep(bad=2), None, opt, lambda b: b)
     assert n == 6 and not dry and loss_sum != loss_sum  # NaN summed, no error
+
+
+def test_run_checkpoint_files_load_with_weights_only(tmp_path):
+    """state.pt, model.pt and best.pt as the training loop writes them: tensors and plain data only
+    (numpy scalars in the metrics would need the full unpickler)."""
+    import math
+
+    import numpy as np
+
+    from instantdl_ray.train import save_checkpoint
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model(torch.randn(2, 1, 8, 8)).mean().backward()
+    opt.step()
+    stopper = EarlyStopping(3)
+    stopper.step(0.5, 0)
+    history = [{"epoch": 0, "loss": np.float32(0.7), "val_loss": 0.5, "val_threshold": np.float64(0.45),
+                "val_n": 3.0, "best_val_loss": stopper.best, "best_epoch": 0, "epoch_time_s": 1.5},
+               {"epoch": 1, "loss": 0.6, "best_val_loss": math.inf, "best_epoch": -1}]
+    best = {k: v.clone() for k, v in model.state_dict().items()}
+    save_checkpoint(tmp_path, model, best, epoch=1, history=history, opt=opt, stopper=stopper, stopped_early=False)
+    st = torch.load(tmp_path / STATE_FILE, map_location="cpu", weights_only=True)
+    assert st["epoch"] == 1 and st["early_stopping"] == stopper.state() and st["stopped_early"] is False
+    assert st["history"][0]["val_threshold"] == pytest.approx(0.45) and type(st["history"][0]["loss"]) is float
+    assert st["history"][1]["best_val_loss"] == math.inf
+    torch.optim.Adam(model.parameters(), lr=1e-3).load_state_dict(st["optimizer"])
+    for name in (MODEL_FILE, BEST_FILE):
+        loaded = torch.load(tmp_path / name, map_location="cpu", weights_only=True)
+        assert set(loaded) == set(model.state_dict())
+
+
+class _RunsCode:
+    """Unpickling this writes a file: what a crafted state.pt could do with the full unpickler."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_checkpoint_discovery_never_unpickles_code(tmp_path):
+    marker = tmp_path / "code_ran"
+    folder = tmp_path / "train" / "evil"
+    _fake_checkpoint(folder, 1)
+    torch.save({"epoch": 5, "payload": _RunsCode(marker)}, folder / STATE_FILE)
+    _fake_checkpoint(tmp_path / "train" / "good", 2)
+    assert latest_checkpoint(tmp_path).name == "good"  # the unreadable one is not a checkpoint
+    assert not marker.exists()

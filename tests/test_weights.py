@@ -141,3 +141,60 @@ def test_named_weights_that_do_not_exist():
     with pytest.raises(WeightsError, match="no published weights"):
         resolve_weights("imagenet", "unet")
     assert resolve_weights("coco", "maskrcnn_resnet50_fpn") == "MaskRCNN_ResNet50_FPN_Weights.COCO_V1"
+
+
+class TrainingMeta:
+    """A custom object a training script pickled beside its weights (needs the full unpickler)."""
+
+    def __init__(self, note: str):
+        self.note = note
+
+
+def _pickled_checkpoint(tmp_path):
+    torch.manual_seed(3)
+    src = build_model("resnet18", in_channels=3, out_channels=2)
+    path = tmp_path / "with_meta.pt"
+    torch.save({"model": src.state_dict(), "meta": TrainingMeta("lr 1e-3")}, path)
+    return src, path
+
+
+def test_pickled_objects_are_refused_unless_trusted(tmp_path):
+    _, path = _pickled_checkpoint(tmp_path)
+    with pytest.raises(WeightsError) as e:
+        load_pretrained(build_model("resnet18", in_channels=3, out_channels=2), path,
+                        model_name="resnet18", log=_quiet)
+    msg = str(e.value)
+    assert "trust_pretrained_weights: true" in msg and str(path) in msg and "runs code" in msg
+
+
+def test_trusted_pickled_checkpoint_loads_with_a_warning(tmp_path, caplog):
+    import logging
+
+    src, path = _pickled_checkpoint(tmp_path)
+    dst = build_model("resnet18", in_channels=3, out_channels=2)
+    lines = []
+    with caplog.at_level(logging.WARNING, logger="instantdl_ray.weights"):
+        report = load_pretrained(dst, path, model_name="resnet18", log=lines.append, trust=True)
+    assert not report["skipped"]
+    assert torch.equal(dst.state_dict()["conv1.weight"], src.state_dict()["conv1.weight"])
+    warned = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert warned and "trust_pretrained_weights" in warned[0].getMessage()
+    assert any("trust_pretrained_weights" in line for line in lines)
+
+
+def test_plain_tensor_file_needs_no_trust(tmp_path, caplog):
+    import logging
+
+    path = tmp_path / "plain.pt"
+    torch.save(build_model("resnet18", in_channels=3, out_channels=2).state_dict(), path)
+    with caplog.at_level(logging.WARNING, logger="instantdl_ray.weights"):
+        load_pretrained(build_model("resnet18", in_channels=3, out_channels=2), path, model_name="resnet18",
+                        log=_quiet, trust=True)
+    assert not [r for r in caplog.records if r.levelno == logging.WARNING]  # the opt-in was not needed
+
+
+def test_trust_key_defaults_to_false():
+    from instantdl_ray.config import from_dict
+
+    assert from_dict({"use_algorithm": "semantic", "path": "."}).trust_pretrained_weights is False
+    assert from_dict({"use_algorithm": "semantic", "path": ".", "trust_pretrained_weights": True}).trust_pretrained_weights
