@@ -17,7 +17,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--address", help="join a Ray cluster at HOST:PORT (default: $RAY_ADDRESS or a local Ray)")
     r.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, value parsed as YAML (e.g. --set ray.num_workers=2)")
-    r.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
+    r.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted or failed run from its last checkpoint")
+    r.add_argument("--force", action="store_true", help="with --resume of a complete run: predict and evaluate again")
     r.add_argument("--num-cpus", type=int, help="CPUs for a local Ray instance (default: all)")
 
     v = sub.add_parser("validate", help="check a config and its data; exit 2 on problems")
@@ -64,7 +65,10 @@ def main(argv: list[str] | None = None) -> int:
         return {"run": _run, "validate": _validate, "evaluate": _evaluate, "predict": _predict, "convert": _convert, "tune": _tune}[args.command](args)
     except InstantDLError as e:
         print(e.format(), file=sys.stderr)
-        return 2
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("interrupted (the run directory records where; `run --resume RUN_DIR` continues it)", file=sys.stderr)
+        return 130
     except (FileExistsError, ValueError) as e:
         if not isinstance(e, FileExistsError) and args.command != "convert":
             raise
@@ -91,7 +95,7 @@ def _run(args) -> int:
         cfg = _load(args.config, args.overrides)
     else:
         raise ConfigError(["run: give a CONFIG file (or --resume RUN_DIR)"])
-    run(cfg, out=args.out, address=args.address, resume=args.resume, num_cpus=args.num_cpus)
+    run(cfg, out=args.out, address=args.address, resume=args.resume, num_cpus=args.num_cpus, force=args.force)
     return 0
 
 

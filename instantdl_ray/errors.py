@@ -4,7 +4,9 @@ from __future__ import annotations
 
 
 class InstantDLError(Exception):
-    """Base class: the CLI prints these without a traceback and exits 2."""
+    """Base class: the CLI prints these without a traceback and exits with ``exit_code``."""
+
+    exit_code = 2  # a problem with the input: fix it and run again
 
     def __init__(self, problems: list[str] | str, title: str = "Problem"):
         if isinstance(problems, str):
@@ -38,4 +40,14 @@ class TrainingError(InstantDLError):
     """Training stopped for a reason the user must fix (e.g. a loss that is NaN or infinite)."""
 
     def __init__(self, problems, title: str = "Training stopped"):
+        super().__init__(problems, title)
+
+
+class RunFailed(InstantDLError):
+    """A run failed after validation for a reason that is not the input's (recorded in run.json;
+    the traceback is in the run's log)."""
+
+    exit_code = 1
+
+    def __init__(self, problems, title: str = "Run failed"):
         super().__init__(problems, title)

@@ -5,8 +5,12 @@ validate -> run directory -> plan -> Ray -> train -> predict (MC dropout) -> eva
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
+import os
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -15,6 +19,7 @@ import numpy as np
 
 from . import config as config_mod
 from .config import Config
+from .errors import InstantDLError, RunFailed
 from .plan import Plan, make_plan
 from .read import atomic_path
 from .validate import Inventory, validate
@@ -70,22 +75,102 @@ def _set_state(run_dir: Path, **kw) -> None:
         tmp.write_text(json.dumps(state, indent=1))
 
 
+def _now() -> str:
+    return _dt.datetime.now().isoformat(timespec="seconds")
+
+
+def read_state(run_dir: Path) -> dict:
+    path = Path(run_dir) / RUN_STATE
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM (a cluster scheduler's preemption, ``kill``) ends a run like Ctrl-C: recorded as
+    interrupted, resumable. Only in the main thread, where Python can install handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
 def run(cfg: Config, out: str | Path | None = None, address: str | None = None, resume: str | Path | None = None,
-        num_cpus: int | None = None) -> Path:
-    """Run every stage for ``cfg``; returns the run directory."""
+        num_cpus: int | None = None, force: bool = False) -> Path:
+    """Run every stage for ``cfg``; returns the run directory.
+
+    Any failure after validation is recorded in ``run.json`` (``status`` ``failed``, or
+    ``interrupted`` for Ctrl-C / SIGTERM, with the stage, the error, the time and the command that
+    resumes) and in ``logs/run.log`` (with the traceback). ``resume`` of a complete run does
+    nothing unless ``force`` (prediction and evaluation again); each resume is appended to the
+    state's ``history``.
+    """
     t = time.time()
     inv = validate(cfg)  # every data problem reported before anything is written or started
     if resume:
         run_dir = Path(resume).resolve()
+        prev = read_state(run_dir)
+        if prev.get("status") == "complete" and not force:
+            print(f"{run_dir} is complete (finished {prev.get('finished')}): nothing to do. "
+                  f"--force predicts and evaluates it again.", flush=True)
+            return run_dir
     else:
         run_dir = make_run_dir(cfg, out)
+        prev = {}
     log = RunLog(run_dir / "logs" / "run.log")
     log.stage("validate", t)
     log(f"{cfg.use_algorithm} on {cfg.path}: {len(inv.samples.get('train', []))} train / "
         f"{len(inv.samples.get('test', []))} test images, axes {inv.axes}")
-    _set_state(run_dir, status="running", started=_dt.datetime.now().isoformat(timespec="seconds"))
+    history = prev.get("history", [])
+    if prev:
+        history = history + [{k: prev.get(k) for k in ("status", "stage", "error", "ended") if prev.get(k)} | {"resumed": _now()}]
+    _set_state(run_dir, status="running", started=prev.get("started", _now()), history=history,
+               stage=None, error=None, ended=None, resume_command=None)
     config_mod.dump(cfg, run_dir / "config.yaml")
+    progress = {"stage": "plan"}
+    local_ray = not (address or cfg.ray.address or os.environ.get("RAY_ADDRESS"))
+    with _sigterm_as_interrupt():
+        try:
+            _stages(cfg, inv, run_dir, log, address, resume, num_cpus, progress)
+        except BaseException as e:
+            _record_failure(run_dir, log, progress["stage"], e)
+            if isinstance(e, KeyboardInterrupt) and local_ray:
+                import ray  # the local Ray this run started: its workers go with it
 
+                ray.shutdown()
+            if isinstance(e, (InstantDLError, KeyboardInterrupt)) or not isinstance(e, Exception):
+                raise
+            raise RunFailed([f"{progress['stage']}: {type(e).__name__}: {str(e).splitlines()[0][:500] if str(e) else ''}",
+                             f"details (traceback) in {log.path}",
+                             f"after fixing the cause, continue with: python -m instantdl_ray run --resume {run_dir}"]) from e
+    return run_dir
+
+
+def _record_failure(run_dir: Path, log: RunLog, stage: str, e: BaseException) -> None:
+    import traceback
+
+    interrupted = isinstance(e, KeyboardInterrupt)
+    msg = str(e) or type(e).__name__
+    if not interrupted and not isinstance(e, InstantDLError):
+        msg = f"{type(e).__name__}: {msg}"
+    resume_cmd = f"python -m instantdl_ray run --resume {run_dir}"
+    _set_state(run_dir, status="interrupted" if interrupted else "failed", stage=stage, error=msg.splitlines()[0][:2000],
+               ended=_now(), resume_command=resume_cmd)
+    if log.path is not None:  # the whole story goes to the log, not to the console
+        with open(log.path, "a") as f:
+            f.write("".join(traceback.format_exception(type(e), e, e.__traceback__)))
+    log(f"{'interrupted' if interrupted else 'failed'} during {stage}: {msg.splitlines()[0][:500]}")
+    log(f"details in {log.path}; continue with: {resume_cmd}")
+
+
+def _stages(cfg: Config, inv: Inventory, run_dir: Path, log: RunLog, address, resume, num_cpus, progress: dict) -> None:
     t = time.time()
     plan = _plan(cfg, inv, run_dir, resume)
     log.stage("plan", t)
@@ -93,6 +178,7 @@ def run(cfg: Config, out: str | Path | None = None, address: str | None = None, 
         f"loss {plan.loss}, {len(plan.train_names)} train / {len(plan.val_names)} validation images")
 
     t = time.time()
+    progress["stage"] = "ray_start"
     from . import _ray
 
     dashboard = cfg.ray.dashboard if cfg.ray.dashboard is not None else cfg.iterations_over_dataset > 0
@@ -103,11 +189,13 @@ def run(cfg: Config, out: str | Path | None = None, address: str | None = None, 
     log(f"Ray: {cpus:g} CPU(s), {gpus:g} GPU(s)")
 
     t = time.time()
+    progress["stage"] = "train"
     model_path = _train(cfg, plan, inv, run_dir, resources, bool(resume), log)
     log.stage("train", t)
     decide(cfg, plan, run_dir, log)
 
     t = time.time()
+    progress["stage"] = "predict"
     from .predict import predict
 
     test = inv.samples.get("test", [])
@@ -118,6 +206,7 @@ def run(cfg: Config, out: str | Path | None = None, address: str | None = None, 
 
     if cfg.evaluation:
         t = time.time()
+        progress["stage"] = "evaluate"
         summary = evaluate_run(run_dir, cfg, plan, records, log)
         log.stage("evaluate", t)
         if summary:

@@ -1,0 +1,81 @@
+"""A run's own state: failures and interrupts are recorded, resumable, never left 'running' (issue 17 item 1)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import pytest
+
+from conftest import make_semantic_set
+from instantdl_ray import cli, config, pipeline
+from instantdl_ray.errors import RunFailed
+
+
+def _cfg(data):
+    return config.from_dict({"use_algorithm": "semantic", "path": str(data), "iterations_over_dataset": 1})
+
+
+def _state(run_dir):
+    return json.loads((run_dir / "run.json").read_text())
+
+
+def test_an_error_after_validation_is_recorded_with_stage_and_resume_command(tmp_path, monkeypatch):
+    data = make_semantic_set(tmp_path / "data")
+
+    def broken_plan(*a, **k):
+        raise ZeroDivisionError("a programming error inside a stage")
+
+    monkeypatch.setattr(pipeline, "_plan", broken_plan)
+    with pytest.raises(RunFailed) as e:
+        pipeline.run(_cfg(data), out=tmp_path / "run")
+    run_dir = (tmp_path / "run").resolve()
+    st = _state(run_dir)
+    assert st["status"] == "failed" and st["stage"] == "plan"
+    assert "ZeroDivisionError: a programming error inside a stage" in st["error"]
+    assert st["resume_command"] == f"python -m instantdl_ray run --resume {run_dir}" and st["ended"]
+    text = e.value.format()
+    assert "run.log" in text and "--resume" in text and "ZeroDivisionError" in text
+    log = (run_dir / "logs" / "run.log").read_text()
+    assert "Traceback (most recent call last)" in log and "failed during plan" in log
+
+
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
+def test_an_interrupt_is_recorded_as_interrupted(tmp_path, monkeypatch, how):
+    data = make_semantic_set(tmp_path / "data")
+
+    def interrupted_plan(*a, **k):
+        if how == "sigterm":
+            os.kill(os.getpid(), signal.SIGTERM)  # a scheduler's preemption
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "_plan", interrupted_plan)
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run(_cfg(data), out=tmp_path / "run")
+    assert signal.getsignal(signal.SIGTERM) == before  # the handler is the run's only
+    st = _state(tmp_path / "run")
+    assert st["status"] == "interrupted" and st["stage"] == "plan"
+    # the command line: one line, exit 130
+    assert cli.main(["run", "--resume", str(tmp_path / "run")]) == 130
+    st2 = _state(tmp_path / "run")
+    assert st2["status"] == "interrupted" and st2["started"] == st["started"]  # `started` is kept
+    assert [h["status"] for h in st2["history"]] == ["interrupted"]  # each resume is appended
+
+
+def test_resume_of_a_complete_run_does_nothing(tmp_path, monkeypatch, capsys):
+    data = make_semantic_set(tmp_path / "data")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "run.json").write_text(json.dumps({"status": "complete", "finished": "2026-12-01T10:00:00"}))
+    config.dump(_cfg(data), run_dir / "config.yaml")
+
+    def must_not_run(*a, **k):
+        raise AssertionError("a complete run was started again")
+
+    monkeypatch.setattr(pipeline, "_stages", must_not_run)
+    assert cli.main(["run", "--resume", str(run_dir)]) == 0
+    assert "is complete" in capsys.readouterr().out and _state(run_dir)["status"] == "complete"
+    with pytest.raises(RunFailed, match="started again"):  # --force does run (prediction, evaluation)
+        pipeline.run(_cfg(data), resume=run_dir, force=True)
