@@ -263,6 +263,14 @@ def discover(root: str | Path, split: str, task: str) -> tuple[list[Sample], lis
         problems.append(f"{image_dir}: no images found (supported: {', '.join(IMAGE_SUFFIXES)})")
         return [], problems
 
+    if task != "classification":  # outputs are <stem>.tif: two images of one stem would overwrite each other
+        by_stem: dict[str, list[Path]] = {}
+        for p in images:
+            by_stem.setdefault(_stem(p), []).append(p)
+        for stem, same in by_stem.items():
+            if len(same) > 1:
+                problems.append(f"{image_dir}: {' and '.join(q.name for q in same)} share the name '{stem}' (their "
+                                f"groundtruth and predictions would be one file); rename or remove all but one")
     need_gt = split == "train"
     if task == "classification":
         csv_path = gt_dir / CSV_NAME

@@ -520,3 +520,20 @@ def test_cli_run_with_bad_data_leaves_no_run_directory(cli_results, capsys):
     err = capsys.readouterr().err
     assert "Invalid data: 2 problems found" in err and "img01.png: no groundtruth partner" in err
     assert not out.exists()
+
+
+def test_two_images_with_one_stem_are_refused_naming_both(tmp_path):
+    """Issue 17 item 7: a.png and a.tif trained against one mask and overwrote each other's predictions."""
+    import shutil
+
+    from conftest import make_semantic_set
+    from instantdl_ray import config
+    from instantdl_ray.errors import DataError
+    from instantdl_ray.validate import validate
+
+    data = make_semantic_set(tmp_path / "data")
+    shutil.copy(data / "train" / "image" / "img01.png", data / "train" / "image" / "img01.tif")
+    with pytest.raises(DataError) as e:
+        validate(config.from_dict({"use_algorithm": "semantic", "path": str(data)}))
+    msg = str(e.value)
+    assert "img01.png and img01.tif" in msg and "rename" in msg
