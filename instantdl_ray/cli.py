@@ -116,10 +116,16 @@ def _evaluate(args) -> int:
     from .pipeline import RunLog, evaluate_run
     from .plan import Plan
 
+    from .errors import ConfigError
+
     run_dir = Path(args.run_dir)
+    index = run_dir / "predictions" / "index.json"
+    if (run_dir / "config.yaml").exists() and not index.exists():
+        raise ConfigError([f"{run_dir}: no predictions yet ({index} missing); run prediction first: "
+                           f"python -m instantdl_ray run --resume {run_dir}"], title="Cannot evaluate")
     cfg = cfgmod.load(run_dir / "config.yaml")
     plan = Plan.from_json(run_dir / "plan.json")
-    records = json.loads((run_dir / "predictions" / "index.json").read_text())
+    records = json.loads(index.read_text())
     summary = evaluate_run(run_dir, cfg, plan, records, RunLog(run_dir / "logs" / "run.log"))
     print(json.dumps(summary, indent=1))
     return 0

@@ -107,7 +107,7 @@ class Config(_Strict):
     data_gen_args: AugmentConfig = Field(default_factory=AugmentConfig)
     loss_function: Optional[str] = None  # None: the task's default
     num_classes: Optional[int] = Field(None, ge=1)  # None: 1 (binary) / from the CSV
-    image_size: Union[bool, int, list[int]] = False  # classification resize / pixel-task tile size
+    image_size: Union[Literal[False], int, list[int]] = False  # classification resize / pixel-task tile size
     calculate_uncertainty: bool = True
     evaluation: bool = True
     # --- ours
@@ -159,13 +159,20 @@ class Config(_Strict):
             raise ValueError(f"threshold must be 'calibrated', 'otsu' or a probability between 0 and 1; got {v}")
         return v
 
+    @field_validator("image_size", mode="before")
+    @classmethod
+    def _size_not_true(cls, v):
+        if v is True:  # before parsing: pydantic would read true as the integer 1
+            raise ValueError("true is not a size; use false (automatic) or e.g. 256 or [256, 256]")
+        return v
+
     @field_validator("image_size")
     @classmethod
     def _size(cls, v):
         if isinstance(v, list) and not (len(v) in (2, 3) and all(int(x) > 0 for x in v)):
             raise ValueError("image_size must be false, one int or a list of 2 (Y, X) or 3 (Z, Y, X) positive ints")
         if isinstance(v, bool) and v:
-            raise ValueError("image_size: true is not a size; use false (automatic) or e.g. 256 or [256, 256]")
+            raise ValueError("true is not a size; use false (automatic) or e.g. 256 or [256, 256]")
         if isinstance(v, int) and not isinstance(v, bool) and v <= 0:
             raise ValueError("image_size must be positive")
         return v
@@ -229,7 +236,12 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             if not isinstance(node.get(p), dict):
                 node[p] = {}
             node = node[p]
-        node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+        try:
+            node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+        except yaml.YAMLError as e:
+            where = getattr(e, "problem", None) or str(e).splitlines()[0]
+            problems.append(f"--set {item!r}: the value {value!r} is not valid YAML ({where}); quote it, e.g. "
+                            f"--set '{key}=[256, 256]' or --set {key}=true")
     if problems:
         raise ConfigError(problems)
     return data
@@ -240,8 +252,9 @@ def _unknown_keys(data: dict, model: type[BaseModel], prefix: str = "") -> list[
     fields = model.model_fields
     for key, value in data.items():
         if key not in fields:
+            allowed = [f"{prefix}{f}" for f in fields]
             problems.append(
-                f"{prefix}{key}: unknown key; allowed keys: {', '.join(fields)}." + did_you_mean(str(key), fields)
+                f"{prefix}{key}: unknown key; allowed keys: {', '.join(allowed)}." + did_you_mean(str(key), fields)
             )
             continue
         sub = fields[key].annotation
@@ -262,6 +275,40 @@ def _key_path(loc: tuple) -> str:
             ann = model.model_fields[x].annotation
             model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
     return ".".join(parts) or "config"
+
+
+def _annotation(key_path: str) -> Any:
+    """The type annotation of a config key path such as ``ray.num_workers`` (None if unknown)."""
+    model: Any = Config
+    ann = None
+    for part in key_path.split("."):
+        if not (isinstance(model, type) and issubclass(model, BaseModel)) or part not in model.model_fields:
+            return None
+        ann = model.model_fields[part].annotation
+        model = ann
+    return ann
+
+
+def _describe(ann: Any) -> str:
+    """A type annotation in plain words: ``Union[bool, int, list[int]]`` -> "true/false, an integer
+    or a list of integers"; "" where it has no simple description."""
+    import typing
+
+    origin, args = typing.get_origin(ann), typing.get_args(ann)
+    if origin is Union:
+        parts = [_describe(a) for a in args if a is not type(None)]
+        if not all(parts):
+            return ""
+        if type(None) in args:
+            parts.append("null (the default)")
+        return ", ".join(parts[:-1]) + " or " + parts[-1] if len(parts) > 1 else parts[0]
+    if origin is Literal:
+        words = [str(a).lower() if isinstance(a, bool) else repr(a) for a in args]
+        return words[0] if len(words) == 1 else "one of " + ", ".join(words)
+    if origin is list:
+        inner = _describe(args[0]) if args else "values"
+        return f"a list of {inner.removeprefix('an ').removeprefix('a ')}s" if inner else "a list"
+    return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(ann, "")
 
 
 def from_dict(data: dict, base_dir: str | Path | None = None) -> Config:
@@ -290,7 +337,12 @@ def from_dict(data: dict, base_dir: str | Path | None = None) -> Config:
             if msg not in msgs:
                 msgs.append(msg)
         for key, (msgs, value) in by_key.items():
-            if not any(p.startswith(f"{key}:") for p in problems):
+            if any(p.startswith(f"{key}:") for p in problems):
+                continue
+            desc = _describe(_annotation(key))
+            if desc and all(m.startswith("Input should be") for m in msgs):  # a plain type error: say it plainly
+                problems.append(f"{key}: must be {desc}; got {value!r}")
+            else:
                 problems.append(f"{key}: {'; or '.join(msgs)} (got {value!r})")
     if not complete:
         cfg = None

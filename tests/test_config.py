@@ -426,3 +426,29 @@ def test_dump_of_defaults_is_valid_yaml(tmp_path):
     raw = yaml.safe_load((tmp_path / "c.yaml").read_text())
     assert set(raw) == set(Config.model_fields)
     assert raw["use_algorithm"] == "Classification" and raw["ray"]["num_workers"] == 1
+
+
+@pytest.mark.parametrize("setting,expected", [
+    ("image_size=[1,2", "--set 'image_size=[1,2': the value '[1,2' is not valid YAML"),
+    ("ray.num_worker=2", "allowed keys: ray.address, ray.num_workers,"),
+    ("image_size=abc", "image_size: must be false, an integer or a list of integers; got 'abc'"),
+    ("batchsize=x", "batchsize: must be an integer; got 'x'"),
+    ("image_size=true", "true is not a size"),
+])
+def test_command_line_errors_are_plain_words_without_a_traceback(setting, expected, capsys):
+    """Issue 17 item 11: a malformed --set, an unknown key, a wrong type: exit 2, one readable message."""
+    from instantdl_ray import cli
+
+    cfg = Path(__file__).resolve().parents[1] / "configs" / "example_dsb2018_small.yaml"
+    assert cli.main(["validate", str(cfg), "--set", setting]) == 2
+    err = capsys.readouterr().err
+    assert expected in err and "Traceback" not in err
+
+
+def test_evaluate_before_prediction_says_what_to_run(tmp_path, capsys):
+    from instantdl_ray import cli
+
+    (tmp_path / "config.yaml").write_text("use_algorithm: semantic\npath: .\n")
+    assert cli.main(["evaluate", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "run prediction first" in err and f"--resume {tmp_path}" in err
