@@ -178,6 +178,26 @@ def split_rows(rows: list, world: int) -> dict[str, list]:
     return {name: part for name, part in shards.items() if part}
 
 
+def steps_per_epoch(rows_per_epoch: int, batch_size: int, world: int) -> int:
+    """Optimiser steps per epoch: whole batches only (the planner makes an epoch's rows a multiple
+    of batch size x workers), at least one."""
+    return max(1, rows_per_epoch // (batch_size * world))
+
+
+def endless_batches(shard, batch_size: int):
+    """Whole training batches from ``shard`` (a Ray ``DataIterator`` or ``Dataset``): a last partial
+    batch is dropped, as a batch of one fails in BatchNorm. The spec stream covers the planned
+    epochs; after a worker-group restart Ray may hand over only what was left of it, so a new pass
+    starts when it runs dry (never on a set without a whole batch)."""
+    while True:
+        n = 0
+        for b in shard.iter_torch_batches(batch_size=batch_size, drop_last=True, prefetch_batches=2):
+            n += 1
+            yield b
+        if n == 0:
+            return
+
+
 def _plain(metrics: dict) -> dict:
     """Metrics as Python numbers (a task may return numpy scalars, which ``weights_only`` refuses)."""
     return {k: v.item() if hasattr(v, "item") else v for k, v in metrics.items()}
@@ -275,7 +295,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict | None:
 
     bs = int(config["batch_size"])
     epochs = int(config["epochs"])
-    steps_per_epoch = max(1, math.ceil(int(config["rows_per_epoch"]) / (bs * world)))
+    steps = steps_per_epoch(int(config["rows_per_epoch"]), bs, world)
     train_shard = ray.train.get_dataset_shard("train")
     # the driver split the validation tiles round-robin, one dataset per rank that got any
     has_val = bool(config.get("val_datasets"))
@@ -293,18 +313,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict | None:
     def to_dev(batch: dict) -> dict:
         return {k: v.to(device) for k, v in batch.items() if k in ("image", "target", "label")}
 
-    def endless_batches():
-        """The spec stream covers the planned epochs; after a worker-group restart Ray may hand
-        over only what was left of it, so start a new pass when it runs dry (never on an empty set)."""
-        while True:
-            n = 0
-            for b in train_shard.iter_torch_batches(batch_size=bs, drop_last=False, prefetch_batches=2):
-                n += 1
-                yield b
-            if n == 0:
-                return
-
-    it = endless_batches()
+    it = endless_batches(train_shard, bs)
     epoch = start_epoch
     t_epochs: list[float] = []
     exhausted = False
@@ -312,7 +321,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict | None:
     while epoch < epochs and not exhausted:
         t0 = time.time()
         try:
-            loss_sum, n_seen, exhausted = train_epoch(model, it, steps_per_epoch, task, loss_fn, opt, to_dev, scaler,
+            loss_sum, n_seen, exhausted = train_epoch(model, it, steps, task, loss_fn, opt, to_dev, scaler,
                                                       epoch=epoch, check_finite=True)
         except TrainingError as e:  # raised on every rank at the same step
             failure = e.problems[0]

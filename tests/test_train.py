@@ -249,3 +249,27 @@ def test_checkpoint_discovery_never_unpickles_code(tmp_path):
     _fake_checkpoint(tmp_path / "train" / "good", 2)
     assert latest_checkpoint(tmp_path).name == "good"  # the unreadable one is not a checkpoint
     assert not marker.exists()
+
+
+def test_steps_per_epoch_counts_only_whole_batches():
+    from instantdl_ray.train import steps_per_epoch
+
+    assert steps_per_epoch(12, 2, 2) == 3
+    assert steps_per_epoch(13, 2, 2) == 3  # a partial batch is dropped, never a step of its own
+    assert steps_per_epoch(3, 4, 2) == 1  # at least one
+
+
+@pytest.mark.timeout(120)
+def test_training_batches_are_never_partial(ray_session):
+    """BatchNorm fails on a batch of one: the stream drops a last partial batch, pass after pass."""
+    import itertools
+
+    import numpy as np
+    import ray
+
+    from instantdl_ray.train import endless_batches
+
+    ds = ray.data.from_items([{"image": np.full((1, 2, 2), i, np.float32)} for i in range(5)])
+    sizes = [b["image"].shape[0] for b in itertools.islice(endless_batches(ds, 2), 6)]
+    assert sizes == [2] * 6
+    assert list(endless_batches(ray.data.from_items([{"image": np.zeros(1)}]), 2)) == []  # never spins
