@@ -27,6 +27,8 @@ class Inventory:
     spatial_dims: int = 2
     label_values: set = field(default_factory=set)
     class_names: dict[int, str] | None = None
+    empty_masks: list[str] = field(default_factory=list)  # training masks with background only
+    label_max: dict[str, float] = field(default_factory=dict)  # groundtruth path -> largest value
 
 
 def _shape(path: Path) -> tuple[int, ...]:
@@ -202,10 +204,35 @@ def validate(cfg: Config) -> Inventory:
     # label values
     if task.name in ("semantic", "classification"):
         problems += _check_labels(cfg, inv)
+    if task.target_kind == "label":
+        problems += _check_foreground(inv)
     inv.class_names = read.read_class_names(root)
     if problems:
         raise DataError(problems)
     return inv
+
+
+MAX_LABEL_PIXELS = 5e7  # label images read whole at validation; larger ones (slides) are not
+
+
+def _check_foreground(inv: Inventory) -> list[str]:
+    """Training masks with no foreground: some are fine (counted in ``inv.empty_masks`` and the
+    log); all of them leave nothing to learn and are refused."""
+    checked = 0
+    for s in inv.samples.get("train", []):
+        if not isinstance(s.groundtruth, Path) or np.prod(inv.target_shapes.get(str(s.image), (0,))) >= MAX_LABEL_PIXELS:
+            continue
+        checked += 1
+        top = inv.label_max.get(str(s.groundtruth))  # already read for the label values (semantic)
+        if top is None:
+            top = float(np.max(np.asarray(read.open_array(s.groundtruth)[...])))
+        if not top > 0:
+            inv.empty_masks.append(str(s.groundtruth))
+    if checked and len(inv.empty_masks) == checked:
+        return [f"{Path(inv.empty_masks[0]).parent}: all {checked} training masks are background only (no value > 0); "
+                "a model cannot learn objects from them. Check that the groundtruth folder holds the masks "
+                "(0 = background, > 0 = object)"]
+    return []
 
 
 def _check_labels(cfg: Config, inv: Inventory) -> list[str]:
@@ -225,7 +252,7 @@ def _check_labels(cfg: Config, inv: Inventory) -> list[str]:
         for s in ss:
             if not isinstance(s.groundtruth, Path) or str(s.image) not in inv.target_shapes:
                 continue
-            arr = np.asarray(read.open_array(s.groundtruth)[...]) if np.prod(inv.target_shapes[str(s.image)]) < 5e7 else None
+            arr = np.asarray(read.open_array(s.groundtruth)[...]) if np.prod(inv.target_shapes[str(s.image)]) < MAX_LABEL_PIXELS else None
             if arr is None:
                 continue
             u = np.unique(arr)
@@ -236,6 +263,7 @@ def _check_labels(cfg: Config, inv: Inventory) -> list[str]:
                 )
                 continue
             values |= set(int(v) for v in u)
+            inv.label_max[str(s.groundtruth)] = float(u[-1])
     inv.label_values = values
     n = cfg.num_classes or 1
     if n == 1 and len(values) > 2:

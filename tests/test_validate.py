@@ -537,3 +537,34 @@ def test_two_images_with_one_stem_are_refused_naming_both(tmp_path):
         validate(config.from_dict({"use_algorithm": "semantic", "path": str(data)}))
     msg = str(e.value)
     assert "img01.png and img01.tif" in msg and "rename" in msg
+
+
+@pytest.mark.parametrize("task", ["semantic", "instance"])
+def test_training_masks_without_foreground(tmp_path, task):
+    """Issue 17 item 10: all-empty training masks are refused; some empty ones are counted."""
+    import numpy as np
+    import tifffile
+    from PIL import Image
+
+    from conftest import make_instance_set, make_semantic_set
+    from instantdl_ray import config
+    from instantdl_ray.errors import DataError
+    from instantdl_ray.validate import validate
+
+    data = (make_semantic_set if task == "semantic" else make_instance_set)(tmp_path / "data")
+    masks = sorted((data / "train" / "groundtruth").iterdir())
+
+    def blank(p):
+        if p.suffix == ".png":
+            Image.fromarray(np.zeros((64, 64), np.uint8)).save(p)
+        else:
+            tifffile.imwrite(p, np.zeros((64, 64), np.uint16))
+
+    blank(masks[0])
+    inv = validate(config.from_dict({"use_algorithm": task, "path": str(data)}))
+    assert inv.empty_masks == [str(masks[0])]
+    for p in masks:
+        blank(p)
+    with pytest.raises(DataError) as e:
+        validate(config.from_dict({"use_algorithm": task, "path": str(data)}))
+    assert f"all {len(masks)} training masks are background only" in str(e.value)
