@@ -38,7 +38,7 @@ def _fit(cfg, run_dir):
     return plan, best
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(300)
 @pytest.mark.parametrize("n_train,split,n_val", [(4, 0.2, 1), (6, 0.5, 3)])
 def test_two_workers_validate_every_tile_exactly_once(ray_session, tmp_path, n_train, split, n_val):
     """1 validation tile (fewer than the workers) and 3 (not divisible by 2): no rank may wait alone
@@ -55,12 +55,10 @@ def test_two_workers_validate_every_tile_exactly_once(ray_session, tmp_path, n_t
     assert all("val_loss" in h for h in history)
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(300)
 def test_non_finite_loss_stops_the_run_with_a_message_at_once(ray_session, tmp_path):
     """A diverging learning rate: the run ends with the package's error naming epoch and step (not
     Ray Train's retries and then an unrelated error about a missing best model)."""
-    import time
-
     from instantdl_ray import pipeline
     from instantdl_ray.errors import TrainingError
 
@@ -70,15 +68,15 @@ def test_non_finite_loss_stops_the_run_with_a_message_at_once(ray_session, tmp_p
         "learning_rate": 1e30, "tiles_per_image": 8, "calculate_uncertainty": False, "evaluation": False,
         "ray": {"max_failures": 2},
     })
-    t = time.time()
     with pytest.raises(TrainingError) as e:
         pipeline.run(cfg, out=tmp_path / "run")
-    took = time.time() - t
     msg = str(e.value)
     assert "training loss is nan" in msg or "training loss is inf" in msg
     assert re.search(r"at epoch 1, step \d+;", msg), msg
     assert "learning_rate" in msg and "empty masks" in msg and "--resume" in msg
     train_log = (tmp_path / "run" / "logs" / "train.log").read_text()
     assert train_log.count("worker 0/1") == 1, "retried by Ray Train's max_failures"
+    # raised at once: at the NaN step itself, not after 20 epochs on NaN weights or 3 worker-group
+    # starts (a wall-clock bound would be flaky on a shared 2-core machine; the timeout caps it)
     assert "epoch 1/20" not in train_log  # no epoch finished, so nothing was saved with NaN weights
-    assert took < 120, took
+    assert not list((tmp_path / "run" / "checkpoints" / "ray").rglob("state.pt"))
