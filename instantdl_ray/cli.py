@@ -105,6 +105,8 @@ def _validate(args) -> int:
     cfg = _load(args.config, args.overrides)
     inv = validate(cfg)
     n = {k: len(v) for k, v in inv.samples.items()}
+    for w in inv.warnings:
+        print(f"warning: {w}")
     print(f"OK: {cfg.use_algorithm}, {n.get('train', 0)} train / {n.get('test', 0)} test images, axes {inv.axes}")
     return 0
 

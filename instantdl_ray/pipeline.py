@@ -128,6 +128,8 @@ def run(cfg: Config, out: str | Path | None = None, address: str | None = None, 
     log.stage("validate", t)
     log(f"{cfg.use_algorithm} on {cfg.path}: {len(inv.samples.get('train', []))} train / "
         f"{len(inv.samples.get('test', []))} test images, axes {inv.axes}")
+    for w in inv.warnings:
+        log(f"warning: {w}")
     if inv.empty_masks:
         log(f"{len(inv.empty_masks)} training mask(s) hold background only, e.g. {inv.empty_masks[0]}")
     history = prev.get("history", [])

@@ -189,6 +189,7 @@ def read_label_csv(path: Path) -> dict[str, int]:
     if not rows:
         raise ValueError(f"{path}: empty file; expected a header 'filename,groundtruth' and one row per image")
     start = 1 if rows[0] and _number(rows[0][-1]) is None else 0  # a header row has no numeric label
+    first_line: dict[str, int] = {}
     for i, row in enumerate(rows[start:], start=start + 1):
         if not row or all(not c.strip() for c in row):
             continue
@@ -199,7 +200,13 @@ def read_label_csv(path: Path) -> dict[str, int]:
         if value is None or not value.is_integer():  # '1.0' is class 1; '1.5' is no class
             bad.append(f"line {i}: label {row[1]!r} is not an integer class")
             continue
-        out[row[0].strip()] = int(value)
+        name = row[0].strip()
+        if name in out and out[name] != int(value):
+            bad.append(f"line {i}: '{name},{int(value)}' conflicts with '{name},{out[name]}' on line {first_line[name]}; "
+                       "keep one row per file")
+            continue
+        out[name] = int(value)
+        first_line.setdefault(name, i)
     if bad:
         raise ValueError(f"{path}: " + "; ".join(bad))
     return out

@@ -29,6 +29,7 @@ class Inventory:
     class_names: dict[int, str] | None = None
     empty_masks: list[str] = field(default_factory=list)  # training masks with background only
     label_max: dict[str, float] = field(default_factory=dict)  # groundtruth path -> largest value
+    warnings: list[str] = field(default_factory=list)  # fine to train with, but the user should know
 
 
 def _shape(path: Path) -> tuple[int, ...]:
@@ -239,7 +240,20 @@ def _check_labels(cfg: Config, inv: Inventory) -> list[str]:
     problems = []
     if cfg.task == "classification":
         labels = {s.groundtruth for ss in inv.samples.values() for s in ss if isinstance(s.groundtruth, int)}
+        counts: dict[int, int] = {}
+        for s in inv.samples.get("train", []):
+            if isinstance(s.groundtruth, int):
+                counts[s.groundtruth] = counts.get(s.groundtruth, 0) + 1
+        # the model's outputs cover every class named anywhere (test-only ones included, so the
+        # evaluation can count them as the errors they are)
         inv.label_values = labels
+        only_test = sorted(labels - set(counts)) if counts else []
+        if only_test:
+            inv.warnings.append(f"class(es) {only_test} appear only in test/ (never trained); the model cannot "
+                                "predict them — add training images of them, or they count as errors")
+        rare = sorted(c for c, n in counts.items() if n < 2)
+        if rare:
+            inv.warnings.append(f"class(es) {rare} have fewer than 2 training images; expect the model to miss them")
         if cfg.num_classes is not None and labels and (max(labels) >= cfg.num_classes or min(labels) < 0):
             bad = sorted(v for v in labels if v >= cfg.num_classes or v < 0)
             problems.append(

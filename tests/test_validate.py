@@ -568,3 +568,34 @@ def test_training_masks_without_foreground(tmp_path, task):
     with pytest.raises(DataError) as e:
         validate(config.from_dict({"use_algorithm": task, "path": str(data)}))
     assert f"all {len(masks)} training masks are background only" in str(e.value)
+
+
+def test_classification_csv_conflicts_and_class_warnings(tmp_path):
+    """Issue 17 item 9: conflicting duplicate rows refused (both quoted); a test-only class and a class
+    with one training image are warnings, and the model's classes cover classes.txt."""
+    from conftest import make_classification_set
+    from instantdl_ray import config
+    from instantdl_ray.errors import DataError
+    from instantdl_ray.plan import make_plan
+    from instantdl_ray.validate import validate
+
+    data = make_classification_set(tmp_path / "data")
+    csv = data / "train" / "groundtruth" / "groundtruth.csv"
+    original = csv.read_text()
+    csv.write_text(original + "c00.png,1\n")  # c00.png is class 0 above
+    with pytest.raises(DataError) as e:
+        validate(config.from_dict({"use_algorithm": "classification", "path": str(data)}))
+    assert "'c00.png,1' conflicts with 'c00.png,0'" in str(e.value)
+    csv.write_text(original + "c00.png,0\n")  # a repeated, agreeing row is harmless
+    validate(config.from_dict({"use_algorithm": "classification", "path": str(data)}))
+
+    csv.write_text(original.replace("c01.png,1", "c01.png,2"))  # class 2: one training image
+    test_csv = data / "test" / "groundtruth" / "groundtruth.csv"
+    test_csv.write_text(test_csv.read_text().replace("c00.png,0", "c00.png,3"))  # class 3: test only
+    (data / "classes.txt").write_text("0\tsingle\n1\tpair\n2\trare\n3\tunseen\n4\tnamed only\n")
+    cfg = config.from_dict({"use_algorithm": "classification", "path": str(data)})
+    inv = validate(cfg)
+    text = " ".join(inv.warnings)
+    assert "[3] appear only in test/" in text and "[2] have fewer than 2 training images" in text
+    plan = make_plan(cfg, inv)
+    assert plan.num_classes == 5 and plan.class_names[4] == "named only"

@@ -20,7 +20,9 @@ class Classification(Task):
     def plan_fields(self, cfg, inv):
         from ..losses import DEFAULT_LOSS
 
-        n = cfg.num_classes or (max(inv.label_values) + 1 if inv.label_values else 2)
+        named = set((inv.class_names or {}).keys())  # classes.txt may name classes with no image yet
+        known = set(inv.label_values) | named
+        n = cfg.num_classes or (max(known) + 1 if known else 2)
         n = max(n, 2)
         names = inv.class_names or {}
         return dict(
