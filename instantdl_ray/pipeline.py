@@ -259,7 +259,8 @@ def _train(cfg, plan, inv, run_dir: Path, resources, resume: bool, log: Callable
     from .weights import load_pretrained
 
     model = get_task(plan.task).build_model(plan)
-    info = load_pretrained(model, cfg.pretrained_weights, model_name=plan.model, log=log)
+    info = load_pretrained(model, cfg.pretrained_weights, model_name=plan.model, log=log,
+                           trust=cfg.trust_pretrained_weights)
     log(f"predict only: {len(info['loaded'])} tensors loaded from {cfg.pretrained_weights}")
     best = run_dir / "checkpoints" / "best" / "model.pt"
     best.parent.mkdir(parents=True, exist_ok=True)

@@ -198,3 +198,26 @@ def test_trust_key_defaults_to_false():
 
     assert from_dict({"use_algorithm": "semantic", "path": "."}).trust_pretrained_weights is False
     assert from_dict({"use_algorithm": "semantic", "path": ".", "trust_pretrained_weights": True}).trust_pretrained_weights
+
+
+def test_predict_only_runs_pass_the_trust_key(tmp_path):
+    """``iterations_over_dataset: 0`` loads the weights on the driver: the opt-in must reach it too."""
+    from conftest import make_classification_set
+    from instantdl_ray import config, pipeline
+    from instantdl_ray.plan import make_plan
+    from instantdl_ray.validate import validate
+
+    _, path = _pickled_checkpoint(tmp_path)
+    data = make_classification_set(tmp_path / "data")
+    base = {"use_algorithm": "classification", "path": str(data), "model": "resnet18",
+            "iterations_over_dataset": 0, "pretrained_weights": str(path)}
+    for trust in (False, True):
+        cfg = config.from_dict({**base, "trust_pretrained_weights": trust})
+        inv = validate(cfg)
+        plan = make_plan(cfg, inv)
+        run_dir = tmp_path / f"run{trust}"
+        if not trust:
+            with pytest.raises(WeightsError, match="trust_pretrained_weights"):
+                pipeline._train(cfg, plan, inv, run_dir, None, False, _quiet)
+        else:
+            assert pipeline._train(cfg, plan, inv, run_dir, None, False, _quiet).exists()
