@@ -145,7 +145,7 @@ def run(cfg: Config, out: str | Path | None = None, address: str | None = None, 
             _stages(cfg, inv, run_dir, log, address, resume, num_cpus, progress)
         except BaseException as e:
             _record_failure(run_dir, log, progress["stage"], e)
-            if isinstance(e, KeyboardInterrupt) and local_ray:
+            if isinstance(e, (KeyboardInterrupt, SystemExit)) and local_ray:
                 import ray  # the local Ray this run started: its workers go with it
 
                 ray.shutdown()
@@ -160,7 +160,8 @@ def run(cfg: Config, out: str | Path | None = None, address: str | None = None, 
 def _record_failure(run_dir: Path, log: RunLog, stage: str, e: BaseException) -> None:
     import traceback
 
-    interrupted = isinstance(e, KeyboardInterrupt)
+    # Ray's driver turns a Ctrl-C that lands inside ray.get into SystemExit(1): an interrupt too
+    interrupted = isinstance(e, (KeyboardInterrupt, SystemExit))
     msg = str(e) or type(e).__name__
     if not interrupted and not isinstance(e, InstantDLError):
         msg = f"{type(e).__name__}: {msg}"

@@ -41,6 +41,19 @@ def test_an_error_after_validation_is_recorded_with_stage_and_resume_command(tmp
     assert "Traceback (most recent call last)" in log and "failed during plan" in log
 
 
+def test_a_system_exit_inside_a_stage_is_an_interrupt(tmp_path, monkeypatch):
+    """A Ctrl-C that lands in ray.get reaches the driver as SystemExit(1) (seen in a DSB run)."""
+    data = make_semantic_set(tmp_path / "data")
+
+    def exits(*a, **k):
+        raise SystemExit(1)
+
+    monkeypatch.setattr(pipeline, "_plan", exits)
+    with pytest.raises(SystemExit):
+        pipeline.run(_cfg(data), out=tmp_path / "run")
+    assert _state(tmp_path / "run")["status"] == "interrupted"
+
+
 @pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
 def test_an_interrupt_is_recorded_as_interrupted(tmp_path, monkeypatch, how):
     data = make_semantic_set(tmp_path / "data")
