@@ -325,7 +325,9 @@ class Run:
 # ---------------------------------------------------------------- the three measurements
 
 
-def measure_instance(run: Run, mosaics: list[dict]) -> dict:
+def _measure(run: Run, mosaics: list[dict], counts, summary, prediction=lambda fin: fin["prediction"],
+             extra=lambda fin: {}) -> dict:
+    """Predict every mosaic, count per seam/other group with ``counts``, sum, summarise."""
     from instantdl_ray import read
 
     total: dict = {}
@@ -335,30 +337,22 @@ def measure_instance(run: Run, mosaics: list[dict]) -> dict:
         _, fin, tiles = run.predict(m["image"])
         gt = read.read_raw(m["groundtruth"])
         seams = seam_lines(tiles, gt.shape)
-        c = instance_counts(gt, fin["prediction"], seams, mosaic_lines(gt.shape, m["cell"]))
+        c = counts(gt, prediction(fin), seams, mosaic_lines(gt.shape, m["cell"]))
         add_counts(total, c)
-        per.append({"mosaic": m["image"].name, "seams": seams, **instance_summary(c)})
-    return {**instance_summary(total), "per_mosaic": per}
+        per.append({"mosaic": m["image"].name, "seams": seams, **summary(c), **extra(fin)})
+    return {**summary(total), "per_mosaic": per}
+
+
+def measure_instance(run: Run, mosaics: list[dict]) -> dict:
+    return _measure(run, mosaics, instance_counts, instance_summary)
 
 
 def measure_semantic(run: Run, mosaics: list[dict]) -> dict:
-    from instantdl_ray import read
+    def foreground_of(fin):  # multi-class: foreground = any class > 0
+        return fin["prediction"] if run.plan.num_classes == 1 else fin["prediction"] > 0
 
-    total: dict = {}
-    per = []
-    for m in mosaics:
-        run.add_image(m["image"])
-        _, fin, tiles = run.predict(m["image"])
-        gt = read.read_raw(m["groundtruth"])
-        pred = fin["prediction"]
-        if run.plan.num_classes != 1:  # multi-class: foreground = any class > 0
-            pred = pred > 0
-        seams = seam_lines(tiles, gt.shape)
-        c = semantic_counts(gt, pred, seams, mosaic_lines(gt.shape, m["cell"]))
-        add_counts(total, c)
-        per.append({"mosaic": m["image"].name, "seams": seams, **semantic_summary(c),
-                    "threshold": fin.get("threshold")})
-    return {**semantic_summary(total), "per_mosaic": per}
+    return _measure(run, mosaics, semantic_counts, semantic_summary, foreground_of,
+                    lambda fin: {"threshold": fin.get("threshold")})
 
 
 def mosaic_shape(mosaic: dict) -> list[int]:
