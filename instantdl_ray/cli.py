@@ -119,12 +119,13 @@ def _evaluate(args) -> int:
     from .plan import Plan
 
     from .errors import ConfigError
+    from .pipeline import resume_command
 
     run_dir = Path(args.run_dir)
     index = run_dir / "predictions" / "index.json"
     if (run_dir / "config.yaml").exists() and not index.exists():
         raise ConfigError([f"{run_dir}: no predictions yet ({index} missing); run prediction first: "
-                           f"python -m instantdl_ray run --resume {run_dir}"], title="Cannot evaluate")
+                           f"{resume_command(run_dir)}"], title="Cannot evaluate")
     cfg = cfgmod.load(run_dir / "config.yaml")
     plan = Plan.from_json(run_dir / "plan.json")
     records = json.loads(index.read_text())

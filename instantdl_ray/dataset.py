@@ -203,6 +203,14 @@ def spatial_shape(shape: Sequence[int], axes: str) -> list[int]:
     return [int(s) for s, a in zip(shape, axes) if a in "ZYX"]
 
 
+def spec_row(s: read.Sample, origin: Sequence[int]) -> dict:
+    """One tile spec: image path, encoded target, origin, and the class of a classification sample."""
+    row = {"image": str(s.image), "target": encode_target(s.groundtruth), "origin": list(origin)}
+    if isinstance(s.groundtruth, int):
+        row["label"] = int(s.groundtruth)
+    return row
+
+
 def training_rows(
     samples: list[read.Sample],
     shapes: dict[str, tuple[int, ...]],
@@ -243,20 +251,12 @@ def training_rows(
                 origins += _origins(sp, plan.tile_shape, n - k, rng)
             else:
                 origins = _origins(sp, plan.tile_shape, n, rng)
-            for origin in origins:
-                row = {"image": str(s.image), "target": encode_target(s.groundtruth), "origin": origin}
-                if isinstance(s.groundtruth, int):
-                    row["label"] = int(s.groundtruth)
-                epoch_rows.append(row)
+            epoch_rows += [spec_row(s, origin) for origin in origins]
         short = (-len(epoch_rows)) % max(1, int(multiple))
         for k in rng.choice(len(samples), size=short, replace=short > len(samples)) if short else ():
             s = samples[int(k)]
             sp = spatial_shape(shapes[str(s.image)], plan.axes)
-            row = {"image": str(s.image), "target": encode_target(s.groundtruth),
-                   "origin": _origins(sp, plan.tile_shape, 1, rng)[0]}
-            if isinstance(s.groundtruth, int):
-                row["label"] = int(s.groundtruth)
-            epoch_rows.append(row)
+            epoch_rows.append(spec_row(s, _origins(sp, plan.tile_shape, 1, rng)[0]))
         for j, k in enumerate(rng.permutation(len(epoch_rows))):
             r = dict(epoch_rows[k])
             r["seed"] = int((seed * 7919 + epoch * EPOCH_SEED_STRIDE + j) % (2**63 - 1))
@@ -279,11 +279,7 @@ def grid_rows(samples: list[read.Sample], shapes: dict[str, tuple[int, ...]], pl
             tiles = tile_grid(tuple(sp), tuple(plan.tile_shape), ov)
         for t_idx, t in enumerate(tiles):
             origin = [0] * len(sp) if t is None else [int(sl.start) - int(p[0]) for sl, p in zip(t.read, t.pad)]
-            row = {"image": str(s.image), "target": encode_target(s.groundtruth), "origin": origin,
-                   "image_index": idx, "tile_index": t_idx, "seed": 0}
-            if isinstance(s.groundtruth, int):
-                row["label"] = int(s.groundtruth)
-            rows.append(row)
+            rows.append({**spec_row(s, origin), "image_index": idx, "tile_index": t_idx, "seed": 0})
     return rows
 
 

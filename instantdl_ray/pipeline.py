@@ -61,7 +61,7 @@ def make_run_dir(cfg: Config, out: str | Path | None) -> Path:
         state = json.loads((run_dir / RUN_STATE).read_text())
         raise FileExistsError(
             f"{run_dir} already holds a run (status: {state.get('status')}); choose another --out, "
-            f"or continue it with: python -m instantdl_ray run --resume {run_dir}"
+            f"or continue it with: {resume_command(run_dir)}"
         )
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
@@ -73,6 +73,10 @@ def _set_state(run_dir: Path, **kw) -> None:
     state.update(kw)
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(state, indent=1))
+
+
+def resume_command(run_dir: Path) -> str:
+    return f"python -m instantdl_ray run --resume {run_dir}"
 
 
 def _now() -> str:
@@ -153,7 +157,7 @@ def run(cfg: Config, out: str | Path | None = None, address: str | None = None, 
                 raise
             raise RunFailed([f"{progress['stage']}: {type(e).__name__}: {str(e).splitlines()[0][:500] if str(e) else ''}",
                              f"details (traceback) in {log.path}",
-                             f"after fixing the cause, continue with: python -m instantdl_ray run --resume {run_dir}"]) from e
+                             f"after fixing the cause, continue with: {resume_command(run_dir)}"]) from e
     return run_dir
 
 
@@ -165,7 +169,7 @@ def _record_failure(run_dir: Path, log: RunLog, stage: str, e: BaseException) ->
     msg = str(e) or type(e).__name__
     if not interrupted and not isinstance(e, InstantDLError):
         msg = f"{type(e).__name__}: {msg}"
-    resume_cmd = f"python -m instantdl_ray run --resume {run_dir}"
+    resume_cmd = resume_command(run_dir)
     _set_state(run_dir, status="interrupted" if interrupted else "failed", stage=stage, error=msg.splitlines()[0][:2000],
                ended=_now(), resume_command=resume_cmd)
     if log.path is not None:  # the whole story goes to the log, not to the console
