@@ -51,3 +51,27 @@ class RunFailed(InstantDLError):
 
     def __init__(self, problems, title: str = "Run failed"):
         super().__init__(problems, title)
+
+
+# OSErrors that a retry on the same machine cannot fix: a full disk or quota, no permission, a
+# read-only file system
+PERMANENT_ERRNOS = {"ENOSPC", "EDQUOT", "EACCES", "EPERM", "EROFS"}
+# Python errors that come from the code or the input, not from a lost worker or node: the same
+# step raises them again. RuntimeError is not among them: torch raises it when a peer rank died.
+PROGRAMMING_ERRORS = (TypeError, AttributeError, NameError, ImportError, KeyError, IndexError, ValueError,
+                      ZeroDivisionError, AssertionError, NotImplementedError)
+
+
+def permanent_failure(e: BaseException) -> str | None:
+    """Why ``e`` will fail again on a retry (``"input"``, ``"disk"`` or ``"code"``), or None for
+    errors a restarted worker may get past (a lost worker or node, a collective a dead peer
+    aborted). Ray Train's ``max_failures`` is for the latter only."""
+    import errno as _errno
+
+    if isinstance(e, InstantDLError):
+        return "input"
+    if isinstance(e, OSError) and _errno.errorcode.get(e.errno or -1) in PERMANENT_ERRNOS:
+        return "disk"
+    if isinstance(e, PROGRAMMING_ERRORS):
+        return "code"
+    return None

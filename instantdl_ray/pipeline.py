@@ -186,6 +186,12 @@ def _stages(cfg: Config, inv: Inventory, run_dir: Path, log: RunLog, address, re
     log(f"plan: model {plan.model}, {plan.in_channels} input channel(s), tile {plan.tile_shape}, "
         f"loss {plan.loss}, {len(plan.train_names)} train / {len(plan.val_names)} validation images")
 
+    if cfg.pretrained_weights and cfg.iterations_over_dataset > 0 and not resume:
+        check_pretrained(cfg, plan)  # a file of another model: said now, not by a worker after Ray started
+    elif cfg.iterations_over_dataset == 0:  # predict only: the weights are loaded here, without Ray
+        progress["stage"] = "load_weights"
+        model_path = _predict_only_model(cfg, plan, run_dir, log)
+
     t = time.time()
     progress["stage"] = "ray_start"
     from . import _ray
@@ -197,10 +203,11 @@ def _stages(cfg: Config, inv: Inventory, run_dir: Path, log: RunLog, address, re
     log.stage("ray_start", t)
     log(f"Ray: {cpus:g} CPU(s), {gpus:g} GPU(s)")
 
-    t = time.time()
-    progress["stage"] = "train"
-    model_path = _train(cfg, plan, inv, run_dir, resources, bool(resume), log)
-    log.stage("train", t)
+    if cfg.iterations_over_dataset > 0:
+        t = time.time()
+        progress["stage"] = "train"
+        model_path = _train(cfg, plan, inv, run_dir, resources, bool(resume), log)
+        log.stage("train", t)
     decide(cfg, plan, run_dir, log)
 
     t = time.time()
@@ -247,17 +254,30 @@ def _plan(cfg: Config, inv: Inventory, run_dir: Path, resume) -> Plan:
     return plan
 
 
-def _train(cfg, plan, inv, run_dir: Path, resources, resume: bool, log: Callable) -> Path:
-    if cfg.iterations_over_dataset > 0:
-        from .augment import AugmentParams
-        from .train import fit
+def check_pretrained(cfg: Config, plan: Plan) -> None:
+    """``pretrained_weights`` loaded into the model the plan builds, on the driver, before Ray
+    starts: a file of another model (no tensor fits) raises ``WeightsError`` now."""
+    from .tasks import get_task
+    from .weights import load_pretrained
 
-        params = AugmentParams.from_dict(cfg.data_gen_args.model_dump())
-        if params.save_augmented_images and not resume:
-            paths = save_augmented(cfg, plan, inv, params, run_dir / "augmented")
-            log(f"augmented examples: {len(paths)} in {run_dir / 'augmented'}")
-        return fit(cfg, plan, inv, run_dir, resources, params, resume=resume, log=log)
-    # predict only (InstantDL: iterations_over_dataset 0 with pretrained weights)
+    load_pretrained(get_task(plan.task).build_model(plan), cfg.pretrained_weights, model_name=plan.model,
+                    log=lambda msg: None, trust=cfg.trust_pretrained_weights)
+
+
+def _train(cfg, plan, inv, run_dir: Path, resources, resume: bool, log: Callable) -> Path:
+    from .augment import AugmentParams
+    from .train import fit
+
+    params = AugmentParams.from_dict(cfg.data_gen_args.model_dump())
+    if params.save_augmented_images and not resume:
+        paths = save_augmented(cfg, plan, inv, params, run_dir / "augmented")
+        log(f"augmented examples: {len(paths)} in {run_dir / 'augmented'}")
+    return fit(cfg, plan, inv, run_dir, resources, params, resume=resume, log=log)
+
+
+def _predict_only_model(cfg, plan, run_dir: Path, log: Callable) -> Path:
+    """InstantDL's ``iterations_over_dataset: 0`` with pretrained weights: the weights become the
+    run's best model."""
     import torch
 
     from .tasks import get_task

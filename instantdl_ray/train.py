@@ -220,9 +220,49 @@ def save_checkpoint(folder: Path, model, best_state: dict | None, *, epoch: int,
 def train_loop_per_worker(config: dict[str, Any]) -> dict | None:
     """Runs inside every Ray Train worker. ``config`` is plain JSON-able data.
 
-    Returns None, or ``{"failed": message}`` when training stopped on a non-finite loss: that is
-    the user's to fix, not a lost worker for Ray Train to retry, so the loop reports it (without a
-    checkpoint, the last good one stays) and returns; ``fit`` raises it as a ``TrainingError``."""
+    Returns None, or ``{"failed": message, "kind": ...}`` when training cannot succeed on a retry:
+    a non-finite loss, or an error that ``errors.permanent_failure`` classifies as the input's,
+    the disk's or the code's (a bad weights file, a full disk, a bug). Those are not lost workers
+    for Ray Train's ``max_failures``: the loop writes the traceback to ``train.log`` and returns
+    (no checkpoint: the last good one stays); ``fit`` raises the message at once. Anything else (a
+    dead peer's aborted collective, a lost node's objects) is raised for Ray Train to retry."""
+    try:
+        return _train_loop(config)
+    except Exception as e:
+        from .errors import permanent_failure
+
+        kind = permanent_failure(e)
+        if kind is None:
+            raise
+        return _give_up(config, e, kind)
+
+
+def _give_up(config: dict[str, Any], e: Exception, kind: str) -> dict:
+    """The traceback to ``train.log``, one line to the console, peers released; the failure dict."""
+    import traceback
+
+    import ray.train
+
+    from .errors import InstantDLError
+
+    rank, world = ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()
+    msg = "; ".join(e.problems) if isinstance(e, InstantDLError) else f"{type(e).__name__}: {e}"
+    msg = msg.splitlines()[0] if msg else type(e).__name__
+    log_file = Path(config["log_file"]) if config.get("log_file") else None
+    if log_file is not None and log_file.parent.exists():
+        with open(log_file, "a") as f:
+            f.write(f"rank {rank}: training failed ({kind}), not retried:\n")
+            f.write("".join(traceback.format_exception(type(e), e, e.__traceback__)))
+    _console(f"rank {rank}: training failed, not retried: {msg[:300]}")
+    if world > 1:  # peers waiting for this rank in a collective fail at once instead of timing out
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return {"failed": msg, "kind": kind}
+
+
+def _train_loop(config: dict[str, Any]) -> dict | None:
     import tempfile
 
     import ray
@@ -380,12 +420,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict | None:
     return None
 
 
-def _failure(result) -> str | None:
-    """The message of a run that ``train_loop_per_worker`` stopped: its rank-0 return value (Ray
-    Train v2), else the last reported metrics (v1 keeps those without a checkpoint)."""
+def _failure(result) -> tuple[str, str] | None:
+    """``(message, kind)`` of a run that ``train_loop_per_worker`` stopped: its rank-0 return
+    value (Ray Train v2), else the last reported metrics (v1 keeps those without a checkpoint)."""
     for found in (getattr(result, "return_value", None), getattr(result, "metrics", None)):
         if isinstance(found, dict) and found.get("failed"):
-            return str(found["failed"])
+            return str(found["failed"]), str(found.get("kind", "input"))
     return None
 
 
@@ -528,8 +568,15 @@ def fit(cfg, plan: Plan, inv, run_dir: Path, resources, augment_params, resume: 
     result = trainer.fit()
     failure = _failure(result)
     if failure is not None:
-        log(f"training stopped: {failure}")  # run.log; the worker's own line went to train.log
-        raise TrainingError([failure])
+        message, kind = failure
+        log(f"training stopped: {message}")  # run.log; the worker's own line went to train.log
+        if kind == "input":
+            raise TrainingError([message])
+        from .errors import RunFailed
+
+        why = {"disk": "the file system refused a write (free space or fix permissions)",
+               "code": "an error in the program, not in a lost worker"}.get(kind, kind)
+        raise RunFailed([f"train: {message}", f"not retried: {why}; traceback in {run_dir / 'logs' / 'train.log'}"])
     if result.checkpoint is None:
         raise RuntimeError("training finished without a checkpoint; see the log above")
     with result.checkpoint.as_directory() as d:

@@ -82,6 +82,10 @@ def check_config_choices(cfg: Config) -> list[str]:
             )
         elif not p.exists():
             problems.append(f"pretrained_weights: '{w}' not found; give a run directory, a checkpoint folder or a .pt file")
+        else:  # reads as a PyTorch checkpoint with a state dict (whether it fits the model: after planning)
+            from .weights import check_file
+
+            problems += check_file(p, cfg.model or task.models[0], trust=cfg.trust_pretrained_weights)
     if w is True:
         problems.append("pretrained_weights: true is not a source; use false, 'imagenet', 'coco' or a path")
     if cfg.foreground_sampling > 0 and cfg.task not in ("semantic", "instance"):

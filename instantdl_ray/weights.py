@@ -237,6 +237,18 @@ def _adapt_input_conv(src: torch.Tensor, shape: torch.Size) -> torch.Tensor | No
     return src.repeat(1, reps, 1, 1)[:, :c] * (3.0 / c)
 
 
+def check_file(spec: str | Path, model_name: str, trust: bool = False) -> list[str]:
+    """Problems of a ``pretrained_weights`` file or folder that show without a model: not there,
+    not a PyTorch file, no state dict in it (validation calls this before anything starts)."""
+    try:
+        resolved = resolve_weights(spec, model_name)
+        if isinstance(resolved, Path):
+            _extract_state_dict(_load_file(resolved, lambda m: None, trust), resolved)
+    except WeightsError as e:
+        return e.problems
+    return []
+
+
 def load_pretrained(
     model: nn.Module, spec: str | Path, *, model_name: str, log: Callable[[str], Any] = print, trust: bool = False
 ) -> dict:
@@ -311,4 +323,4 @@ def load_pretrained(
     return {"source": source, "loaded": loaded, "skipped": skipped, "missing": missing, "adapted": adapted}
 
 
-__all__ = ["hub_checkpoint_path", "load_pretrained", "resolve_weights"]
+__all__ = ["check_file", "hub_checkpoint_path", "load_pretrained", "resolve_weights"]

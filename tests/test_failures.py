@@ -1,0 +1,89 @@
+"""Errors that cannot succeed are not retried, and weights are checked before Ray starts (issue 17
+items 2 and 3)."""
+
+from __future__ import annotations
+
+import errno
+
+import pytest
+import torch
+
+from conftest import make_semantic_set
+from instantdl_ray import _ray, cli, config, pipeline
+from instantdl_ray.errors import DataError, TrainingError, WeightsError, permanent_failure
+
+
+def _cfg(data, **extra):
+    return config.from_dict({"use_algorithm": "semantic", "path": str(data), "iterations_over_dataset": 1,
+                             "batchsize": 2, "calculate_uncertainty": False, "evaluation": False, **extra})
+
+
+def test_permanent_failures_are_classified():
+    assert permanent_failure(WeightsError("bad file")) == "input"
+    assert permanent_failure(OSError(errno.ENOSPC, "No space left on device")) == "disk"
+    assert permanent_failure(PermissionError(errno.EACCES, "Permission denied")) == "disk"
+    assert permanent_failure(TypeError("a bug")) == "code"
+    # what a lost worker or a dead peer looks like: Ray Train's max_failures is for these
+    assert permanent_failure(RuntimeError("Connection closed by peer")) is None
+    assert permanent_failure(ConnectionResetError(errno.ECONNRESET, "reset")) is None
+    import ray.exceptions
+
+    assert permanent_failure(ray.exceptions.ObjectLostError("00" * 28, "", "")) is None
+
+
+@pytest.mark.timeout(300)
+def test_an_error_in_the_worker_that_cannot_succeed_is_not_retried(ray_session, tmp_path):
+    """A weights file that fails in the training worker (here: checked only there, as ``fit`` is
+    called directly): one attempt, the package's message, the traceback in train.log (not three
+    worker-group starts and Ray's TrainingFailedError)."""
+    from instantdl_ray.augment import AugmentParams
+    from instantdl_ray.plan import make_plan
+    from instantdl_ray.train import fit
+    from instantdl_ray.validate import validate
+
+    data = make_semantic_set(tmp_path / "data", n_train=4, n_test=1)
+    bad = tmp_path / "weights.pt"
+    torch.save({"linear.weight": torch.zeros(3, 3)}, bad)  # a checkpoint of another model
+    cfg = _cfg(data, pretrained_weights=str(bad), ray={"max_failures": 2})
+    inv = validate(cfg)
+    plan = make_plan(cfg, inv)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    resources = _ray.plan_resources(cfg.ray, *_ray.cluster_resources())
+    with pytest.raises(TrainingError) as e:
+        fit(cfg, plan, inv, run_dir, resources, AugmentParams.from_dict(cfg.data_gen_args.model_dump()),
+            log=lambda msg: None)
+    assert "no tensor of" in str(e.value) and str(bad) in str(e.value)
+    train_log = (run_dir / "logs" / "train.log").read_text()
+    assert train_log.count("worker 0/1") == 1, "retried by Ray Train's max_failures"
+    assert "not retried" in train_log and "Traceback (most recent call last)" in train_log
+
+
+def test_weights_of_another_model_are_refused_before_ray_starts(tmp_path, monkeypatch):
+    data = make_semantic_set(tmp_path / "data", n_train=4, n_test=1)
+    bad = tmp_path / "other_model.pt"
+    torch.save(torch.nn.Linear(4, 2).state_dict(), bad)
+
+    def no_ray(*a, **k):
+        raise AssertionError("Ray was started before the weights were checked")
+
+    monkeypatch.setattr(_ray, "init", no_ray)
+    with pytest.raises(WeightsError) as e:
+        pipeline.run(_cfg(data, pretrained_weights=str(bad)), out=tmp_path / "run")
+    assert "no tensor of" in str(e.value) and "another model" in str(e.value)
+    st = pipeline.read_state(tmp_path / "run")
+    assert st["status"] == "failed" and st["stage"] == "plan"
+
+
+def test_a_file_that_is_not_pytorch_is_a_validation_problem(tmp_path, capsys):
+    data = make_semantic_set(tmp_path / "data", n_train=4, n_test=1)
+    bad = tmp_path / "weights.pt"
+    bad.write_text("this is not a checkpoint")
+    with pytest.raises(DataError) as e:
+        pipeline.run(_cfg(data, pretrained_weights=str(bad)), out=tmp_path / "run")
+    assert f"cannot read '{bad}' as a PyTorch file" in str(e.value)
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text(f"use_algorithm: SemanticSegmentation\npath: {data}\npretrained_weights: {bad}\n")
+    assert cli.main(["validate", str(cfg_file)]) == 2
+    assert "as a PyTorch file" in capsys.readouterr().err
