@@ -154,6 +154,12 @@ def default_tile(spatial_shape: tuple[int, ...], image_size, divisor: int = 16) 
     return [round_up(min(s, c), divisor) for s, c in zip(spatial_shape, caps)]
 
 
+def _spatial_of(shape: tuple[int, ...], axes: str) -> tuple[int, ...]:
+    from .read import image_axes
+
+    return tuple(n for n, a in zip(shape, image_axes(shape, axes)) if a in "ZYX")
+
+
 def _target_axes(tshape: tuple[int, ...], spatial: str) -> str:
     if len(tshape) == len(spatial):
         return spatial
@@ -268,7 +274,10 @@ def make_plan(cfg, inv) -> Plan:
     if axes.endswith("C") and in_channels == 4:
         in_channels = 3  # RGBA -> RGB
     spatial_axes = "".join(a for a in axes if a in "ZYX")
-    spatial_shape = tuple(s for s, a in zip(shape, axes) if a in "ZYX")
+    # the tile fits the largest images (capped in default_tile); smaller ones are padded into it,
+    # so one small image that happens to sort first does not shrink the tile of the whole set
+    spatial_shape = tuple(np.max([_spatial_of(inv.image_shapes[str(s.image)], axes) for s in samples
+                                  if str(s.image) in inv.image_shapes], axis=0).tolist())
     target_axes = None
     if task.pixelwise and str(first.image) in inv.target_shapes:
         target_axes = _target_axes(inv.target_shapes[str(first.image)], spatial_axes)

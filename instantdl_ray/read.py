@@ -90,6 +90,100 @@ def read_raw(path: str | Path) -> np.ndarray:
     raise ValueError(f"{path}: unsupported file type '{suffix}'; use one of {', '.join(IMAGE_SUFFIXES)}")
 
 
+# Validation decodes a file whole up to this size, and a sample of its chunks beyond it.
+FULL_DECODE_BYTES = 256 * 2**20
+SAMPLE_CHUNKS = 16
+# deflate (PNG) compresses at most ~1032:1: a header that claims more pixels than that per byte of
+# file is lying (a truncated or forged file), and is refused before anything is allocated
+MAX_COMPRESSION = 2000
+# the U-Net halves a tile 4 times; a thinner image (a 1 x N line, a thumbnail strip) is no image
+MIN_IMAGE_SIDE = 16
+MIN_CLASSIFIED_SIDE = 4  # classification resizes images to the network's size; below this nothing is left
+
+
+def check_pixels(path: str | Path) -> str | None:
+    """None when the pixels of ``path`` decode; otherwise why not, in a few words.
+
+    Cheap enough for every file of a data set: small files are decoded whole, large chunked ones
+    (tiled TIFF, zarr) in ``SAMPLE_CHUNKS`` chunks spread over the image, the last included; every
+    TIFF strip or tile must lie inside the file, an uncompressed one must hold its bytes, and a
+    header must not claim more pixels than the file's bytes can encode (no 18 GiB allocation for a
+    50-byte file)."""
+    path = Path(path)
+    try:
+        suffix = path.suffix.lower()
+        if suffix in (".tif", ".tiff"):
+            return _check_tiff(path)
+        if suffix in (".png", ".jpg", ".jpeg"):
+            return _check_pil(path)
+        if suffix == ".npy":
+            return _check_npy(path)
+        if suffix == ".zarr":
+            _read_sample_chunks(open_array(path))
+            return None
+        read_raw(path)
+    except Exception as e:  # whatever the decoder raises is the answer
+        return f"{type(e).__name__}: {e}".splitlines()[0][:300]
+    return None
+
+
+def _check_tiff(path: Path) -> str | None:
+    import tifffile
+
+    size = path.stat().st_size
+    with tifffile.TiffFile(str(path)) as tf:
+        for page in tf.pages:
+            offsets, counts = page.dataoffsets, page.databytecounts
+            ends = [o + c for o, c in zip(offsets, counts) if c]
+            if ends and max(ends) > size:
+                return f"image data up to byte {max(ends)} claimed, the file has {size} bytes"
+            nbytes = int(np.prod(page.shape)) * page.dtype.itemsize if page.dtype is not None else 0
+            if page.compression == 1 and sum(counts) < nbytes:
+                return f"{page.shape} uncompressed pixels need {nbytes} bytes, the file holds {sum(counts)}"
+            if nbytes > MAX_COMPRESSION * max(sum(counts), 1):
+                return f"{page.shape} pixels claimed in {sum(counts)} bytes of image data"
+        if tf.series and tf.series[0].nbytes <= FULL_DECODE_BYTES:
+            tf.series[0].asarray()
+            return None
+    _read_sample_chunks(open_array(path))
+    return None
+
+
+def _check_pil(path: Path) -> str | None:
+    from PIL import Image
+
+    size = path.stat().st_size
+    with Image.open(path) as im:
+        w, h = im.size
+        claimed = w * h * len(im.getbands())
+        if claimed > MAX_COMPRESSION * size:
+            return f"its header claims {w}x{h} pixels, more than its {size} bytes can hold"
+        im.load()  # PIL raises on a truncated stream
+    return None
+
+
+def _check_npy(path: Path) -> str | None:
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = header(f)
+        need = f.tell() + int(np.prod(shape)) * dtype.itemsize
+    have = path.stat().st_size
+    if have < need:
+        return f"its header claims {shape} {dtype} ({need} bytes), the file has {have}"
+    return None
+
+
+def _read_sample_chunks(arr: Any) -> None:
+    """Decode ``SAMPLE_CHUNKS`` chunks of a chunked array, spread evenly, first and last included."""
+    chunks = getattr(arr, "chunks", None) or arr.shape
+    grid = [max(1, -(-s // c)) for s, c in zip(arr.shape, chunks)]
+    n = int(np.prod(grid))
+    for flat in sorted({int(round(i)) for i in np.linspace(0, n - 1, min(SAMPLE_CHUNKS, n))}):
+        idx = np.unravel_index(flat, grid)
+        np.asarray(arr[tuple(slice(i * c, (i + 1) * c) for i, c in zip(idx, chunks))])
+
+
 def infer_axes(image_shape: Sequence[int], target_shape: Sequence[int] | None, spatial_dims: int | None = None) -> str:
     """Guess the axis order of an image from its shape and its pixel target's shape.
 

@@ -136,6 +136,10 @@ def validate(cfg: Config) -> Inventory:
     # every image reads; shapes agree with their partners
     for split, samples in inv.samples.items():
         for s in samples:
+            why = read.check_pixels(s.image)
+            if why is not None:
+                problems.append(f"{s.image}: cannot be read as an image: truncated or corrupt ({why}); replace or remove it")
+                continue
             try:
                 inv.image_shapes[str(s.image)] = _shape(s.image)
                 _check_finite(s.image, problems)
@@ -146,6 +150,11 @@ def validate(cfg: Config) -> Inventory:
             if gt is None or isinstance(gt, int):
                 continue
             paths = gt if isinstance(gt, list) else [gt]
+            broken = [(p, why) for p in paths if (why := read.check_pixels(p)) is not None]
+            for p, why in broken:
+                problems.append(f"{p}: cannot be read as groundtruth: truncated or corrupt ({why}); replace or remove it")
+            if broken:
+                continue
             try:
                 shapes = {p: _shape(p) for p in paths}
             except Exception as e:
@@ -179,8 +188,15 @@ def validate(cfg: Config) -> Inventory:
     if len(inv.axes) != len(inv.image_shapes[str(first.image)]):
         problems.append(f"axes: '{inv.axes}' has {len(inv.axes)} axes but {first.image} has shape {inv.image_shapes[str(first.image)]}")
     n_channels = set()
+    min_side = read.MIN_IMAGE_SIDE if task.pixelwise else read.MIN_CLASSIFIED_SIDE
     for s in all_samples:
         shp = inv.image_shapes[str(s.image)]
+        yx = _spatial(shp, read.image_axes(shp, inv.axes))[-2:]
+        if len(yx) == 2 and min(yx) < min_side:
+            problems.append(f"{s.image}: {yx[0]}x{yx[1]} pixels (Y x X); images need at least {min_side} "
+                            "pixels along Y and X (smaller ones are padded to the tile or resized, but a line or a "
+                            "thumbnail strip holds nothing to learn); remove it or crop/resize it beforehand")
+            continue
         if len(shp) == len(inv.axes) - 1 and inv.axes.endswith("C"):
             n_channels.add(1)  # a grey image among colour ones: promoted to colour when read
             continue
@@ -225,7 +241,8 @@ def _check_foreground(inv: Inventory) -> list[str]:
     log); all of them leave nothing to learn and are refused."""
     checked = 0
     for s in inv.samples.get("train", []):
-        if not isinstance(s.groundtruth, Path) or np.prod(inv.target_shapes.get(str(s.image), (0,))) >= MAX_LABEL_PIXELS:
+        if (not isinstance(s.groundtruth, Path) or str(s.image) not in inv.target_shapes  # unreadable: reported
+                or np.prod(inv.target_shapes[str(s.image)]) >= MAX_LABEL_PIXELS):
             continue
         checked += 1
         top = inv.label_max.get(str(s.groundtruth))  # already read for the label values (semantic)

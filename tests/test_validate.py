@@ -123,7 +123,11 @@ def test_predict_only_with_weights_needs_no_training_labels(tmp_path):
     root = make_semantic_set(tmp_path / "d", n_train=2, n_test=2)
     shutil.rmtree(root / "train")
     weights = tmp_path / "model.pt"
-    weights.write_bytes(b"")
+    import torch
+
+    from instantdl_ray.models.unet import build_unet
+
+    torch.save(build_unet(in_channels=1, out_channels=1).state_dict(), weights)  # validation reads it
     inv = validate(_cfg(root, iterations_over_dataset=0, pretrained_weights=str(weights)))
     assert len(inv.samples["test"]) == 2 and inv.samples["train"] == []
 
