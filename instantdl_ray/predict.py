@@ -56,7 +56,12 @@ class Predictor:
         self.task = get_task(self.plan.task)
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         self.model = self.task.build_model(self.plan)
-        self.model.load_state_dict(state_dict)
+        try:
+            self.model.load_state_dict(state_dict)
+        except Exception as e:  # a user's error, not a lost actor: raised as such, never retried
+            from .errors import WeightsError
+
+            raise WeightsError([f"{MODEL_MARK}{e}".splitlines()[0][:500]]) from None
         self.model.to(self.device).eval()
         self.passes = int(passes)
 
@@ -74,6 +79,40 @@ class Predictor:
         out["image_index"] = np.asarray(batch["image_index"])
         out["tile_index"] = np.asarray(batch["tile_index"])
         return out
+
+
+MODEL_MARK = "the checkpoint does not fit the planned model: "
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why the model file ``path`` cannot be loaded, or None; read without torch. ``torch.save``
+    writes a zip archive: a truncated file has no readable directory, a damaged one fails a
+    member's CRC. (Whether its tensors fit the model shows when the actors load it.)"""
+    import zipfile
+
+    path = Path(path)
+    if not path.is_file():
+        return "missing"
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+            if bad is not None:
+                return f"damaged: member '{bad}' fails its checksum"
+            if not any(n.endswith("data.pkl") for n in z.namelist()):
+                return "not a PyTorch checkpoint (no data.pkl)"
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+        return f"truncated or not a PyTorch checkpoint ({type(e).__name__}: {e})"
+    return None
+
+
+def model_file_error(path: Path, why: str):
+    """The ``WeightsError`` for a run's unusable model file: the file, why, and what to do."""
+    from .errors import WeightsError
+
+    run_dir = Path(path).parents[2] if len(Path(path).parents) > 2 else Path(path).parent
+    return WeightsError([f"{path}: {why}; 'python -m instantdl_ray run --resume {run_dir} --force' exports it "
+                         "again from the last training checkpoint, else retrain, or predict with another run's model"],
+                        title="Cannot use the trained model")
 
 
 def load_state_dict(path: Path | BinaryIO) -> dict:
@@ -97,6 +136,9 @@ def predict(cfg, plan: Plan, samples: list[read.Sample], shapes: dict, model_pat
     from .tasks import get_task
     from .tile import grid_overlap, tile_grid
 
+    why = checkpoint_problem(model_path)
+    if why is not None:  # said before any actor starts, and before predictions/ exists
+        raise model_file_error(model_path, why)
     task = get_task(plan.task)
     passes = cfg.mc_passes if cfg.calculate_uncertainty and not plan.model.startswith("maskrcnn") else 1
     rows = grid_rows(samples, shapes, plan, cfg.tile_overlap)
@@ -120,11 +162,11 @@ def predict(cfg, plan: Plan, samples: list[read.Sample], shapes: dict, model_pat
     log(f"predicting {len(samples)} images ({len(rows)} tiles) on {n_actors} actor(s), "
         f"{passes} Monte-Carlo pass{'es' if passes > 1 else ''} per tile")
     pred_dir, unc_dir = out_dir / "predictions", out_dir / "uncertainty"
-    pred_dir.mkdir(parents=True, exist_ok=True)
     accs: dict[int, ImageAccumulator] = {}
     records: list[dict] = []
     done_tiles, t0, last = 0, time.time(), 0.0
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+    for batch in _batches(ds, model_path):
+        pred_dir.mkdir(parents=True, exist_ok=True)  # with the first outputs: a failed start leaves none
         for j in range(len(batch["image_index"])):
             idx, t_idx = int(batch["image_index"][j]), int(batch["tile_index"][j])
             s = samples[idx]
@@ -146,6 +188,7 @@ def predict(cfg, plan: Plan, samples: list[read.Sample], shapes: dict, model_pat
             last = time.time()
             rate = done_tiles / max(last - t0, 1e-9)
             log(f"  predicted {done_tiles}/{len(rows)} tiles ({rate:.1f} tiles/s), {len(records)}/{len(samples)} images")
+    pred_dir.mkdir(parents=True, exist_ok=True)  # also for an empty test set
     if not task.pixelwise:
         _write_predictions_csv(records, plan, pred_dir / "predictions.csv")
     try:
@@ -153,6 +196,19 @@ def predict(cfg, plan: Plan, samples: list[read.Sample], shapes: dict, model_pat
     except OSError:
         pass
     return sorted(records, key=lambda r: r["name"])
+
+
+def _batches(ds, model_path: Path):
+    """``ds``'s output batches; an actor that could not load the model (its constructor raised
+    ``MODEL_MARK``) becomes the package's ``WeightsError`` naming the file, not Ray's traceback."""
+    try:
+        yield from ds.iter_batches(batch_size=None, batch_format="numpy")
+    except Exception as e:
+        text = str(e)
+        if MODEL_MARK not in text:
+            raise
+        detail = text[text.index(MODEL_MARK):].splitlines()[0]
+        raise model_file_error(model_path, detail) from None
 
 
 def actor_cpus(n_actors: int, cluster_cpus: float) -> float:

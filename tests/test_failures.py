@@ -87,3 +87,59 @@ def test_a_file_that_is_not_pytorch_is_a_validation_problem(tmp_path, capsys):
     cfg_file.write_text(f"use_algorithm: SemanticSegmentation\npath: {data}\npretrained_weights: {bad}\n")
     assert cli.main(["validate", str(cfg_file)]) == 2
     assert "as a PyTorch file" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ item 4: a corrupt checkpoint
+
+
+def _fake_run(tmp_path, model_bytes: bytes | None = None, state_dict=None):
+    """A run directory as training leaves it (config, plan, best model), with the given model file."""
+    from instantdl_ray.models import build_model
+    from instantdl_ray.plan import Plan
+
+    data = make_semantic_set(tmp_path / "data", n_train=2, n_test=2)
+    run_dir = tmp_path / "run"
+    best = run_dir / "checkpoints" / "best" / "model.pt"
+    best.parent.mkdir(parents=True)
+    config.dump(_cfg(data), run_dir / "config.yaml")
+    features = [4, 4, 8, 8, 16, 4]
+    Plan(task="semantic", spatial_dims=2, axes="YX", target_axes="YX", in_channels=1, out_channels=1, num_classes=1,
+         class_names=["background", "foreground"], tile_shape=[64, 64], image_size=None, model="unet",
+         loss="dice_crossentropy", dropout=0.2, extra={"model_options": {"features": features}}).to_json(run_dir / "plan.json")
+    if state_dict is None:
+        state_dict = build_model("unet", in_channels=1, out_channels=1, spatial_dims=2, dropout=0.2,
+                                 features=features).state_dict()
+    torch.save(state_dict, best)
+    if model_bytes is not None:
+        best.write_bytes(model_bytes(best.read_bytes()))
+    return run_dir, data, best
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("damage", ["truncated", "flipped", "other_model"])
+def test_a_corrupt_checkpoint_in_predict_names_the_file_and_leaves_no_predictions(ray_session, tmp_path, damage):
+    """Truncated, bit-flipped, or a checkpoint of another model: the file and what to do are
+    named before any actor starts (no actor restarts), and no empty predictions/ is left."""
+    if damage == "truncated":
+        run_dir, data, best = _fake_run(tmp_path, model_bytes=lambda b: b[: len(b) // 2])
+    elif damage == "flipped":
+        def flip(b: bytes) -> bytes:
+            b = bytearray(b)
+            b[len(b) // 2: len(b) // 2 + 64] = bytes(64)  # zeroed bytes inside a tensor's data
+            return bytes(b)
+        run_dir, data, best = _fake_run(tmp_path, model_bytes=flip)
+    else:
+        run_dir, data, best = _fake_run(tmp_path, state_dict=torch.nn.Linear(3, 2).state_dict())
+    out = tmp_path / "out"
+    with pytest.raises(WeightsError) as e:
+        pipeline.predict_new(run_dir, data / "test" / "image", out=out)
+    text = str(e.value)
+    assert str(best) in text and "retrain" in text and "--resume" in text, text
+    assert not (out / "predictions").exists()
+
+
+def test_checkpoint_problem_accepts_a_good_file(tmp_path):
+    from instantdl_ray.predict import checkpoint_problem
+
+    *_, best = _fake_run(tmp_path)
+    assert checkpoint_problem(best) is None
