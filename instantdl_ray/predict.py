@@ -237,16 +237,18 @@ def write_image(s: read.Sample, acc, task, plan: Plan, pred_dir: Path, unc_dir: 
 
 def _write_pixel(s: read.Sample, out: dict, pred_dir: Path, unc_dir: Path) -> dict:
     pred = out["prediction"]
-    path = read.write_tiff(pred_dir / f"{s.stem}.tif", pred)
+    size = read.pixel_size(s.image)  # outputs keep the input's scale (Fiji, napari)
+    # a thresholded prediction is a 0/1 mask: written with a LUT that shows it in Fiji
+    path = read.write_tiff(pred_dir / f"{s.stem}.tif", pred, pixel_size=size, binary=out.get("threshold") is not None)
     rec = {"name": s.stem, "image": str(s.image), "prediction": str(path), "uncertainty": None,
            "groundtruth": s.groundtruth}
     if out.get("uncertainty") is not None:
         u = out["uncertainty"]
-        rec["uncertainty"] = str(read.write_tiff(unc_dir / f"{s.stem}.tif", u.astype(np.float32)))
+        rec["uncertainty"] = str(read.write_tiff(unc_dir / f"{s.stem}.tif", u.astype(np.float32), pixel_size=size))
         rec["mean_uncertainty"] = float(np.mean(u))
     if out.get("mutual_information") is not None:
         path = unc_dir / f"{s.stem}{MI_SUFFIX}.tif"
-        rec["mutual_information"] = str(read.write_tiff(path, out["mutual_information"].astype(np.float32)))
+        rec["mutual_information"] = str(read.write_tiff(path, out["mutual_information"].astype(np.float32), pixel_size=size))
     if out.get("threshold") is not None:
         rec["threshold"] = out["threshold"]
     if "scores" in out and pred.ndim >= 2:
@@ -275,10 +277,11 @@ def _output_zarr(path: Path, lead: tuple[int, ...], spatial: tuple[int, ...], dt
                              fill_value=0, overwrite=True)
 
 
-def write_tiff_tiles(path: Path, arr) -> Path:
+def write_tiff_tiles(path: Path, arr, pixel_size: dict[str, float] | None = None) -> Path:
     """Write a lazily sliceable array ``(..., Y, X)`` (zarr) as a tiled BigTIFF from an iterator
     of ``TIFF_TILE``² tiles (one plane at a time, rows of tiles in order), atomically like
-    ``read.write_tiff``: the file never holds more than one tile in RAM on the way."""
+    ``read.write_tiff``: the file never holds more than one tile in RAM on the way. The pixel size
+    (µm) goes into the standard resolution tags (ImageJ's own format has no tiles)."""
     import tifffile
 
     shape = tuple(arr.shape)
@@ -291,7 +294,8 @@ def write_tiff_tiles(path: Path, arr) -> Path:
                     yield np.asarray(arr[lead + (slice(y, y + TIFF_TILE), slice(x, x + TIFF_TILE))])
 
     with read.atomic_path(path, ".tif") as tmp:
-        tifffile.imwrite(tmp, tiles(), shape=shape, dtype=arr.dtype, tile=(TIFF_TILE, TIFF_TILE), bigtiff=True)
+        tifffile.imwrite(tmp, tiles(), shape=shape, dtype=arr.dtype, tile=(TIFF_TILE, TIFF_TILE), bigtiff=True,
+                         **read.tiff_metadata(arr.dtype, len(shape), pixel_size, imagej=False))
     return path
 
 
@@ -323,14 +327,15 @@ def _write_blockwise(s: read.Sample, acc, task, plan: Plan, pred_dir: Path, unc_
             if mi_z is None:
                 mi_z = _output_zarr(unc_dir / f"{s.stem}{MI_SUFFIX}.zarr", (), acc.shape, np.float32)
             mi_z[b] = mi
-    rec = {"name": s.stem, "image": str(s.image), "prediction": str(write_tiff_tiles(pred_dir / f"{s.stem}.tif", pred_z)),
+    size = read.pixel_size(s.image)
+    rec = {"name": s.stem, "image": str(s.image), "prediction": str(write_tiff_tiles(pred_dir / f"{s.stem}.tif", pred_z, size)),
            "uncertainty": None, "groundtruth": s.groundtruth, "prediction_zarr": str(pred_dir / f"{s.stem}.zarr")}
     if unc_z is not None:
-        rec["uncertainty"] = str(write_tiff_tiles(unc_dir / f"{s.stem}.tif", unc_z))
+        rec["uncertainty"] = str(write_tiff_tiles(unc_dir / f"{s.stem}.tif", unc_z, size))
         rec["uncertainty_zarr"] = str(unc_dir / f"{s.stem}.zarr")
         rec["mean_uncertainty"] = u_sum / max(u_n, 1)
     if mi_z is not None:
-        rec["mutual_information"] = str(write_tiff_tiles(unc_dir / f"{s.stem}{MI_SUFFIX}.tif", mi_z))
+        rec["mutual_information"] = str(write_tiff_tiles(unc_dir / f"{s.stem}{MI_SUFFIX}.tif", mi_z, size))
     if stats.get("threshold") is not None:
         rec["threshold"] = stats["threshold"]
     return rec
@@ -359,7 +364,7 @@ def _write_labels_blockwise(s: read.Sample, acc, pred_dir: Path) -> dict:
             c = coords[d].astype(np.int64) + b[d].start
             np.minimum.at(lo[d], ids, c)
             np.maximum.at(hi[d], ids, c + 1)
-    path = write_tiff_tiles(pred_dir / f"{s.stem}.tif", pred_z)
+    path = write_tiff_tiles(pred_dir / f"{s.stem}.tif", pred_z, read.pixel_size(s.image))
     with open(pred_dir / f"{s.stem}_objects.csv", "w", newline="") as f:
         w = csv.writer(f)
         axes = "zyx"[-nd:]

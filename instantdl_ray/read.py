@@ -463,11 +463,113 @@ def atomic_path(path: str | Path, suffix: str = ""):
             os.remove(tmp)
 
 
-def write_tiff(path: str | Path, array: np.ndarray, **kwargs: Any) -> Path:
-    """Write atomically (temp file + rename), so a crash never leaves a half-written TIFF."""
+# ---------------------------------------------------------------- pixel size
+
+_UM_PER_UNIT = {"m": 1e6, "cm": 1e4, "mm": 1e3, "um": 1.0, "µm": 1.0, "micron": 1.0, "microns": 1.0,
+                "nm": 1e-3, "inch": 25400.0, "in": 25400.0, "\\u00B5m": 1.0}
+
+
+def pixel_size(path: str | Path) -> dict[str, float] | None:
+    """The physical pixel size of an image file in µm, ``{"y": .., "x": .., ["z": ..]}``, from
+    its metadata (OME-XML, ImageJ's unit and spacing, TIFF resolution tags, PNG pHYs / JPEG
+    density), or None when the file states none."""
+    path = Path(path)
+    try:
+        suffix = path.suffix.lower()
+        if suffix in (".tif", ".tiff"):
+            return _tiff_pixel_size(path)
+        if suffix in (".png", ".jpg", ".jpeg"):
+            from PIL import Image
+
+            with Image.open(path) as im:
+                dpi = im.info.get("dpi")
+            if dpi and all(float(d) > 0 for d in dpi[:2]):
+                return {"y": 25400.0 / float(dpi[1]), "x": 25400.0 / float(dpi[0])}
+    except Exception:  # metadata is a nicety: an odd tag never stops a run
+        return None
+    return None
+
+
+def _tiff_pixel_size(path: Path) -> dict[str, float] | None:
+    import tifffile
+
+    with tifffile.TiffFile(str(path)) as tf:
+        if tf.is_ome and tf.ome_metadata:
+            import xml.etree.ElementTree as ET
+
+            root = ET.fromstring(tf.ome_metadata)
+            px = next((e for e in root.iter() if e.tag.endswith("Pixels")), None)
+            if px is not None and px.get("PhysicalSizeX"):
+                out = {}
+                for ax in ("Z", "Y", "X"):
+                    v = px.get(f"PhysicalSize{ax}")
+                    if v:
+                        out[ax.lower()] = float(v) * _UM_PER_UNIT.get(px.get(f"PhysicalSize{ax}Unit", "µm"), 1.0)
+                return out if "y" in out else {**out, "y": out["x"]}
+        page = tf.pages[0]
+        tags = page.tags
+        if "XResolution" not in tags or "YResolution" not in tags:
+            return None
+        xr, yr = (tags[k].value for k in ("XResolution", "YResolution"))
+        xres, yres = xr[0] / xr[1], yr[0] / yr[1]
+        if xres <= 0 or yres <= 0:
+            return None
+        ij = tf.imagej_metadata or {}
+        if ij.get("unit"):
+            um = _UM_PER_UNIT.get(str(ij["unit"]).lower())
+            if um is None:
+                return None
+            out = {"y": um / yres, "x": um / xres}
+            if ij.get("spacing"):
+                out["z"] = um * float(ij["spacing"])
+            return out
+        unit = int(tags["ResolutionUnit"].value) if "ResolutionUnit" in tags else 2
+        um = {2: 25400.0, 3: 1e4}.get(unit)  # 1 = no unit: a ratio, no size
+        return None if um is None else {"y": um / yres, "x": um / xres}
+
+
+# ImageJ's own TIFF flavour holds its unit, spacing and LUTs; it takes these pixel types only
+IMAGEJ_DTYPES = (np.uint8, np.uint16, np.float32)
+
+
+def binary_lut() -> np.ndarray:
+    """An ImageJ LUT (3 x 256, uint8) that shows 0 black and every other value white, so a 0/1
+    mask is visible in Fiji without changing its values."""
+    lut = np.full((3, 256), 255, np.uint8)
+    lut[:, 0] = 0
+    return lut
+
+
+def tiff_metadata(dtype, ndim: int, size: dict[str, float] | None, binary: bool = False,
+                  imagej: bool = True) -> dict[str, Any]:
+    """``tifffile.imwrite`` keywords that carry ``size`` (µm, from ``pixel_size``) and, for a
+    binary mask, a black/white LUT: ImageJ's format (unit µm, Z spacing) where its pixel types
+    allow, else the standard resolution tags in pixels per centimetre."""
+    kw: dict[str, Any] = {}
+    if imagej and np.dtype(dtype).type in IMAGEJ_DTYPES and ndim in (2, 3):
+        meta: dict[str, Any] = {"axes": "YX" if ndim == 2 else "ZYX"}
+        if size:
+            kw["resolution"] = (1.0 / size["x"], 1.0 / size["y"])
+            meta["unit"] = "um"
+            if ndim == 3 and size.get("z"):
+                meta["spacing"] = size["z"]
+        if binary:
+            meta["LUTs"] = [binary_lut()]
+        kw.update(imagej=True, metadata=meta)
+    elif size:
+        kw.update(resolution=(1e4 / size["x"], 1e4 / size["y"]), resolutionunit="CENTIMETER")
+    return kw
+
+
+def write_tiff(path: str | Path, array: np.ndarray, pixel_size: dict[str, float] | None = None,
+               binary: bool = False, **kwargs: Any) -> Path:
+    """Write atomically (temp file + rename), so a crash never leaves a half-written TIFF; with
+    the pixel size (µm) and, for a 0/1 mask (``binary``), a LUT that Fiji shows (``tiff_metadata``)."""
     import tifffile
 
     path = Path(path)
+    array = np.asarray(array)
+    meta = tiff_metadata(array.dtype, array.ndim, pixel_size, binary) if (pixel_size or binary) else {}
     with atomic_path(path, ".tif") as tmp:
-        tifffile.imwrite(tmp, np.asarray(array), **kwargs)
+        tifffile.imwrite(tmp, array, **{**meta, **kwargs})
     return path
