@@ -186,6 +186,11 @@ def _stages(cfg: Config, inv: Inventory, run_dir: Path, log: RunLog, address, re
     log(f"plan: model {plan.model}, {plan.in_channels} input channel(s), tile {plan.tile_shape}, "
         f"loss {plan.loss}, {len(plan.train_names)} train / {len(plan.val_names)} validation images")
 
+    from . import diskspace
+
+    test = inv.samples.get("test", [])
+    # checkpoints and predictions fit, or the run stops now with the numbers, not hours later
+    diskspace.check(diskspace.run_needs(cfg, plan, test, inv.image_shapes, run_dir, cfg.iterations_over_dataset > 0))
     if cfg.pretrained_weights and cfg.iterations_over_dataset > 0 and not resume:
         check_pretrained(cfg, plan)  # a file of another model: said now, not by a worker after Ray started
     elif cfg.iterations_over_dataset == 0:  # predict only: the weights are loaded here, without Ray
@@ -214,7 +219,6 @@ def _stages(cfg: Config, inv: Inventory, run_dir: Path, log: RunLog, address, re
     progress["stage"] = "predict"
     from .predict import predict
 
-    test = inv.samples.get("test", [])
     records = predict(cfg, plan, test, inv.image_shapes, model_path, run_dir, resources, log=log)
     (run_dir / "predictions" / "index.json").write_text(json.dumps(records, indent=1, default=str))
     log.stage("predict", t)
@@ -402,6 +406,9 @@ def predict_new(run_dir: str | Path, inputs: str | Path, out: str | Path | None 
     if problems:
         raise DataError(problems)
     out_dir = Path(out) if out else run_dir / "predict" / _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    from . import diskspace
+
+    diskspace.check(diskspace.run_needs(cfg, plan, samples, shapes, out_dir, train=False))
     out_dir.mkdir(parents=True, exist_ok=True)
     log = RunLog(out_dir / "predict.log")
     for s in samples:

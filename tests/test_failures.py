@@ -143,3 +143,74 @@ def test_checkpoint_problem_accepts_a_good_file(tmp_path):
 
     *_, best = _fake_run(tmp_path)
     assert checkpoint_problem(best) is None
+
+
+# ------------------------------------------------------------------ item 5: disk space
+
+
+def test_too_little_disk_space_is_refused_before_training_with_the_numbers(tmp_path, monkeypatch):
+    from instantdl_ray import diskspace
+
+    data = make_semantic_set(tmp_path / "data", n_train=4, n_test=2)
+    monkeypatch.setattr(diskspace, "free_bytes", lambda path: 5 * 2**20)
+
+    def no_ray(*a, **k):
+        raise AssertionError("Ray was started although the run cannot fit on the disk")
+
+    monkeypatch.setattr(_ray, "init", no_ray)
+    with pytest.raises(diskspace.DiskSpaceError) as e:
+        pipeline.run(_cfg(data), out=tmp_path / "run")
+    text = str(e.value)
+    assert "5.0 MiB free" in text and "checkpoints ~" in text and "predictions ~" in text and "--out" in text, text
+    st = pipeline.read_state(tmp_path / "run")
+    assert st["status"] == "failed" and "disk space" in st["error"].lower() + text.lower()
+    assert "--resume" in st["resume_command"]
+
+
+def test_estimates_grow_with_the_model_and_the_images():
+    from instantdl_ray import diskspace
+
+    assert diskspace.training_bytes(2_000_000) > diskspace.training_bytes(1_000_000) > 1_000_000 * 4
+    small = diskspace.prediction_bytes([256 * 256] * 10, 1, uncertainty=False)
+    assert small >= 10 * 256 * 256 * 4
+    assert diskspace.prediction_bytes([256 * 256] * 10, 1, uncertainty=True) > small
+    assert diskspace.prediction_bytes([256 * 256] * 20, 1, uncertainty=False) == 2 * small
+
+
+def test_predict_new_checks_the_space_of_its_output_folder(ray_session, tmp_path, monkeypatch):
+    from instantdl_ray import diskspace
+
+    run_dir, data, _ = _fake_run(tmp_path)
+    monkeypatch.setattr(diskspace, "free_bytes", lambda path: 1024)
+    with pytest.raises(diskspace.DiskSpaceError) as e:
+        pipeline.predict_new(run_dir, data / "test" / "image", out=tmp_path / "out")
+    assert "predictions ~" in str(e.value) and "1.0 KiB free" in str(e.value)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.timeout(600)
+def test_a_full_disk_during_prediction_fails_the_run_cleanly_and_resume_finishes_it(ray_session, tmp_path, monkeypatch):
+    """ENOSPC while writing predictions: run.json says failed at predict with the error; after
+    space is freed, --resume predicts without training again and completes."""
+    from instantdl_ray import read
+
+    data = make_semantic_set(tmp_path / "data", n_train=4, n_test=2)
+    real_write = read.write_tiff
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(read, "write_tiff", full)
+    run_dir = tmp_path / "run"
+    cfg = _cfg(data)
+    with pytest.raises(Exception) as e:
+        pipeline.run(cfg, out=run_dir)
+    assert "No space left on device" in str(e.value)
+    st = pipeline.read_state(run_dir)
+    assert st["status"] == "failed" and st["stage"] == "predict" and "No space left" in st["error"]
+    monkeypatch.setattr(read, "write_tiff", real_write)
+    pipeline.run(cfg, resume=run_dir)
+    st = pipeline.read_state(run_dir)
+    assert st["status"] == "complete"
+    assert len(list((run_dir / "predictions").glob("*.tif"))) == 2
+    assert (run_dir / "logs" / "train.log").read_text().count("epoch 1/1") == 1  # the resume did not train again
