@@ -146,7 +146,7 @@ def run(cfg: Config, out: str | Path | None = None, address: str | None = None, 
     local_ray = not (address or cfg.ray.address or os.environ.get("RAY_ADDRESS"))
     with _sigterm_as_interrupt():
         try:
-            _stages(cfg, inv, run_dir, log, address, resume, num_cpus, progress)
+            _stages(cfg, inv, run_dir, log, address, resume, num_cpus, progress, force)
         except BaseException as e:
             _record_failure(run_dir, log, progress["stage"], e)
             if isinstance(e, (KeyboardInterrupt, SystemExit)) and local_ray:
@@ -167,7 +167,9 @@ def _record_failure(run_dir: Path, log: RunLog, stage: str, e: BaseException) ->
     # Ray's driver turns a Ctrl-C that lands inside ray.get into SystemExit(1): an interrupt too
     interrupted = isinstance(e, (KeyboardInterrupt, SystemExit))
     msg = str(e) or type(e).__name__
-    if not interrupted and not isinstance(e, InstantDLError):
+    if interrupted:  # Ray's SystemExit(1) says "1": say what happened instead
+        msg = f"interrupted ({e})" if isinstance(e, KeyboardInterrupt) and str(e) else "interrupted (Ctrl-C)"
+    elif not isinstance(e, InstantDLError):
         msg = f"{type(e).__name__}: {msg}"
     resume_cmd = resume_command(run_dir)
     _set_state(run_dir, status="interrupted" if interrupted else "failed", stage=stage, error=msg.splitlines()[0][:2000],
@@ -179,7 +181,8 @@ def _record_failure(run_dir: Path, log: RunLog, stage: str, e: BaseException) ->
     log(f"details in {log.path}; continue with: {resume_cmd}")
 
 
-def _stages(cfg: Config, inv: Inventory, run_dir: Path, log: RunLog, address, resume, num_cpus, progress: dict) -> None:
+def _stages(cfg: Config, inv: Inventory, run_dir: Path, log: RunLog, address, resume, num_cpus, progress: dict,
+            force: bool = False) -> None:
     t = time.time()
     plan = _plan(cfg, inv, run_dir, resume)
     log.stage("plan", t)
@@ -217,10 +220,12 @@ def _stages(cfg: Config, inv: Inventory, run_dir: Path, log: RunLog, address, re
 
     t = time.time()
     progress["stage"] = "predict"
-    from .predict import predict
+    from .predict import finish_records, predict
 
-    records = predict(cfg, plan, test, inv.image_shapes, model_path, run_dir, resources, log=log)
-    (run_dir / "predictions" / "index.json").write_text(json.dumps(records, indent=1, default=str))
+    # a resumed run keeps the images an interrupted prediction finished; --force predicts all again
+    records = predict(cfg, plan, test, inv.image_shapes, model_path, run_dir, resources, log=log,
+                      reuse=bool(resume) and not force)
+    finish_records(run_dir / "predictions", records)
     log.stage("predict", t)
     log(f"predictions: {run_dir / 'predictions'}")
 
@@ -369,7 +374,7 @@ def predict_new(run_dir: str | Path, inputs: str | Path, out: str | Path | None 
     from . import _ray, read
     from .errors import DataError
     from .plan import image_percentiles
-    from .predict import predict
+    from .predict import finish_records, predict
 
     run_dir = Path(run_dir).resolve()
     cfg = config_mod.load(run_dir / "config.yaml", overrides or [])
@@ -417,6 +422,6 @@ def predict_new(run_dir: str | Path, inputs: str | Path, out: str | Path | None 
     cpus, gpus = _ray.cluster_resources()
     resources = _ray.plan_resources(cfg.ray, cpus, gpus)
     records = predict(cfg, plan, samples, shapes, model_path, out_dir, resources, log=log)
-    (out_dir / "predictions" / "index.json").write_text(json.dumps(records, indent=1, default=str))
+    finish_records(out_dir / "predictions", records)
     log(f"done. Predictions in {out_dir}")
     return out_dir

@@ -17,6 +17,7 @@ Small images keep the in-memory path (``_write_pixel``: one plain TIFF each).
 from __future__ import annotations
 
 import csv
+import json
 import os
 import sys
 import time
@@ -122,12 +123,43 @@ def load_state_dict(path: Path | BinaryIO) -> dict:
     return torch.load(path, map_location="cpu")
 
 
+RECORDS = ".records"  # predictions/.records/<stem>.json: one per image written, until index.json
+
+
+def _done_records(pred_dir: Path, samples: list[read.Sample]) -> dict[str, dict]:
+    """Records of ``samples`` whose outputs an earlier, interrupted prediction finished."""
+    done = {}
+    for s in samples:
+        path = pred_dir / RECORDS / f"{s.stem}.json"
+        if path.exists():
+            rec = json.loads(path.read_text())
+            if all(Path(rec[k]).exists() for k in ("prediction", "uncertainty", "mutual_information") if rec.get(k)):
+                done[s.stem] = rec
+    return done
+
+
+def _save_record(pred_dir: Path, rec: dict) -> None:
+    """After all of an image's files: its record, the mark that it is done (atomic)."""
+    with read.atomic_path(pred_dir / RECORDS / f"{rec['name']}.json") as tmp:
+        tmp.write_text(json.dumps(rec, default=str))
+
+
+def finish_records(pred_dir: Path, records: list[dict]) -> None:
+    """``predictions/index.json`` for the whole set; the per-image marks are then dropped."""
+    import shutil
+
+    with read.atomic_path(pred_dir / "index.json") as tmp:
+        tmp.write_text(json.dumps(records, indent=1, default=str))
+    shutil.rmtree(pred_dir / RECORDS, ignore_errors=True)
+
+
 def predict(cfg, plan: Plan, samples: list[read.Sample], shapes: dict, model_path: Path, out_dir: Path,
-            resources, log=print) -> list[dict]:
+            resources, log=print, reuse: bool = False) -> list[dict]:
     """Predict ``samples`` with the model at ``model_path``; write outputs under ``out_dir``.
 
     Returns one record per image: name, prediction/uncertainty paths (pixel tasks) or the
-    class, probabilities and uncertainty (classification).
+    class, probabilities and uncertainty (classification). With ``reuse`` (a resumed run), images
+    whose outputs an interrupted prediction already wrote are kept, not predicted again.
     """
     import ray
 
@@ -140,6 +172,14 @@ def predict(cfg, plan: Plan, samples: list[read.Sample], shapes: dict, model_pat
     if why is not None:  # said before any actor starts, and before predictions/ exists
         raise model_file_error(model_path, why)
     task = get_task(plan.task)
+    pred_dir, unc_dir = out_dir / "predictions", out_dir / "uncertainty"
+    done = _done_records(pred_dir, samples) if reuse and task.pixelwise else {}
+    records: list[dict] = list(done.values())
+    if done:
+        log(f"{len(done)} of {len(samples)} images were predicted before the interruption: kept")
+    samples = [s for s in samples if s.stem not in done]
+    if not samples:
+        return sorted(records, key=lambda r: r["name"])
     passes = cfg.mc_passes if cfg.calculate_uncertainty and not plan.model.startswith("maskrcnn") else 1
     rows = grid_rows(samples, shapes, plan, cfg.tile_overlap)
     ds = ray_dataset(rows, plan, with_target=False, rows_per_block=4)
@@ -161,9 +201,7 @@ def predict(cfg, plan: Plan, samples: list[read.Sample], shapes: dict, model_pat
     )
     log(f"predicting {len(samples)} images ({len(rows)} tiles) on {n_actors} actor(s), "
         f"{passes} Monte-Carlo pass{'es' if passes > 1 else ''} per tile")
-    pred_dir, unc_dir = out_dir / "predictions", out_dir / "uncertainty"
     accs: dict[int, ImageAccumulator] = {}
-    records: list[dict] = []
     done_tiles, t0, last = 0, time.time(), 0.0
     for batch in _batches(ds, model_path):
         pred_dir.mkdir(parents=True, exist_ok=True)  # with the first outputs: a failed start leaves none
@@ -184,10 +222,11 @@ def predict(cfg, plan: Plan, samples: list[read.Sample], shapes: dict, model_pat
             done_tiles += 1
             if accs[idx].add(t_idx, outputs):
                 records.append(write_image(s, accs.pop(idx), task, plan, pred_dir, unc_dir))
+                _save_record(pred_dir, records[-1])
         if time.time() - last > 10 or done_tiles == len(rows):
             last = time.time()
             rate = done_tiles / max(last - t0, 1e-9)
-            log(f"  predicted {done_tiles}/{len(rows)} tiles ({rate:.1f} tiles/s), {len(records)}/{len(samples)} images")
+            log(f"  predicted {done_tiles}/{len(rows)} tiles ({rate:.1f} tiles/s), {len(records) - len(done)}/{len(samples)} images")
     pred_dir.mkdir(parents=True, exist_ok=True)  # also for an empty test set
     if not task.pixelwise:
         _write_predictions_csv(records, plan, pred_dir / "predictions.csv")

@@ -360,6 +360,9 @@ def _train_loop(config: dict[str, Any]) -> dict | None:
     failure: str | None = None
     while epoch < epochs and not exhausted:
         t0 = time.time()
+        # dropout's random numbers from (seed, rank, epoch): a run resumed after epoch k continues
+        # exactly as the uninterrupted run would (the data rows carry their own seeds)
+        torch.manual_seed(int(np.random.SeedSequence([int(config["seed"]), rank, epoch]).generate_state(1)[0]))
         try:
             loss_sum, n_seen, exhausted = train_epoch(model, it, steps, task, loss_fn, opt, to_dev, scaler,
                                                       epoch=epoch, check_finite=True)
