@@ -31,6 +31,17 @@ class Resources:
         return asdict(self)
 
 
+def worker_setup() -> None:
+    """Runs in every worker process of a run (Ray's ``worker_process_setup_hook``): points
+    ``RAY_ADDRESS`` at the cluster the worker belongs to. Ray Train's placement-group cleaner
+    queries Ray's state API with no address, which otherwise searches the machine for Ray
+    instances and fails with "Found multiple active Ray instances" when two runs (or any other
+    Ray) share a machine."""
+    import ray
+
+    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+
+
 def init(address: str | None = None, num_cpus: int | None = None, dashboard: bool = False) -> None:
     """Join ``address`` / ``$RAY_ADDRESS``, or start a local Ray sized to this machine, with Ray's
     dashboard only when ``dashboard`` (~200 MiB). Training needs it: Ray Train's placement-group
@@ -40,7 +51,8 @@ def init(address: str | None = None, num_cpus: int | None = None, dashboard: boo
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
-    kwargs = dict(logging_level=logging.WARNING, log_to_driver=True)
+    kwargs = dict(logging_level=logging.WARNING, log_to_driver=True,
+                  runtime_env={"worker_process_setup_hook": "instantdl_ray._ray.worker_setup"})
     if address:
         ray.init(address=address, **kwargs)
     else:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import errno
 import json
 import os
 import signal
@@ -39,9 +40,13 @@ class RunLog:
         line = f"[{time.time() - self.t0:7.1f}s] {msg}"
         print(line, flush=True)
         if self.path is not None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.path, "a") as f:
-                f.write(line + "\n")
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                with open(self.path, "a") as f:
+                    f.write(line + "\n")
+            except OSError as e:  # a full disk must not turn a recorded failure into a traceback
+                print(f"(cannot write {self.path}: {e}; the log continues here only)", flush=True)
+                self.path = None
 
     def stage(self, name: str, t_start: float) -> None:
         self.stages[name] = round(time.time() - t_start, 2)
@@ -71,8 +76,18 @@ def _set_state(run_dir: Path, **kw) -> None:
     path = run_dir / RUN_STATE
     state = json.loads(path.read_text()) if path.exists() else {}
     state.update(kw)
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(state, indent=1))
+    text = json.dumps(state, indent=1)
+    try:
+        with atomic_path(path) as tmp:
+            tmp.write_text(text)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT) or not path.exists():
+            raise
+        # a full disk (the likely reason a run failed): the state is rewritten in place, in the
+        # blocks the file already has, so the run still says "failed", not "running"
+        with open(path, "r+") as f:
+            f.write(text)
+            f.truncate()
 
 
 def resume_command(run_dir: Path) -> str:
@@ -153,6 +168,8 @@ def run(cfg: Config, out: str | Path | None = None, address: str | None = None, 
                 import ray  # the local Ray this run started: its workers go with it
 
                 ray.shutdown()
+            if isinstance(e, SystemExit):  # Ray's form of a Ctrl-C inside ray.get: exit 130 like any
+                raise KeyboardInterrupt("Ctrl-C") from None
             if isinstance(e, (InstantDLError, KeyboardInterrupt)) or not isinstance(e, Exception):
                 raise
             raise RunFailed([f"{progress['stage']}: {type(e).__name__}: {str(e).splitlines()[0][:500] if str(e) else ''}",
@@ -175,8 +192,11 @@ def _record_failure(run_dir: Path, log: RunLog, stage: str, e: BaseException) ->
     _set_state(run_dir, status="interrupted" if interrupted else "failed", stage=stage, error=msg.splitlines()[0][:2000],
                ended=_now(), resume_command=resume_cmd)
     if log.path is not None:  # the whole story goes to the log, not to the console
-        with open(log.path, "a") as f:
-            f.write("".join(traceback.format_exception(type(e), e, e.__traceback__)))
+        try:
+            with open(log.path, "a") as f:
+                f.write("".join(traceback.format_exception(type(e), e, e.__traceback__)))
+        except OSError:
+            pass  # the disk is full: run.json and the console say what happened
     log(f"{'interrupted' if interrupted else 'failed'} during {stage}: {msg.splitlines()[0][:500]}")
     log(f"details in {log.path}; continue with: {resume_cmd}")
 

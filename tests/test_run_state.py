@@ -92,3 +92,33 @@ def test_resume_of_a_complete_run_does_nothing(tmp_path, monkeypatch, capsys):
     assert "is complete" in capsys.readouterr().out and _state(run_dir)["status"] == "complete"
     with pytest.raises(RunFailed, match="started again"):  # --force does run (prediction, evaluation)
         pipeline.run(_cfg(data), resume=run_dir, force=True)
+
+
+def test_the_state_is_recorded_on_a_full_disk(tmp_path, monkeypatch):
+    """A run that fails because the disk is full must still say "failed" in run.json: the atomic
+    write (a new temp file) cannot get space, so the file is rewritten in its own blocks."""
+    import errno
+    import json
+
+    from instantdl_ray import pipeline
+
+    pipeline._set_state(tmp_path, status="running", stage="predict")
+
+    class Full:
+        def __init__(self, *a, **k):
+            pass
+
+        def __enter__(self):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __exit__(self, *a):
+            return False
+
+    monkeypatch.setattr(pipeline, "atomic_path", Full)
+    pipeline._set_state(tmp_path, status="failed", error="OSError: [Errno 28] No space left on device")
+    st = json.loads((tmp_path / "run.json").read_text())
+    assert st["status"] == "failed" and st["stage"] == "predict" and "No space" in st["error"]
+    log = pipeline.RunLog(tmp_path / "logs" / "run.log")
+    monkeypatch.setattr("builtins.open", lambda *a, **k: (_ for _ in ()).throw(OSError(errno.ENOSPC, "full")))
+    log("still printed")  # no exception: the line goes to the console only
+    assert log.path is None
