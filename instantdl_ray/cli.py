@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     except InstantDLError as e:
         print(e.format(), file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit):  # Ray turns a Ctrl-C inside ray.get into SystemExit(1)
         print("interrupted (the run directory records where; `run --resume RUN_DIR` continues it)", file=sys.stderr)
         return 130
     except (FileExistsError, ValueError) as e:

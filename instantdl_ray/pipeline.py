@@ -168,8 +168,6 @@ def run(cfg: Config, out: str | Path | None = None, address: str | None = None, 
                 import ray  # the local Ray this run started: its workers go with it
 
                 ray.shutdown()
-            if isinstance(e, SystemExit):  # Ray's form of a Ctrl-C inside ray.get: exit 130 like any
-                raise KeyboardInterrupt("Ctrl-C") from None
             if isinstance(e, (InstantDLError, KeyboardInterrupt)) or not isinstance(e, Exception):
                 raise
             raise RunFailed([f"{progress['stage']}: {type(e).__name__}: {str(e).splitlines()[0][:500] if str(e) else ''}",

@@ -188,6 +188,7 @@ def test_predict_new_checks_the_space_of_its_output_folder(ray_session, tmp_path
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow  # the default suite covers the same with tests/test_run_state.py's full-disk state test
 @pytest.mark.timeout(600)
 def test_a_full_disk_during_prediction_fails_the_run_cleanly_and_resume_finishes_it(ray_session, tmp_path, monkeypatch):
     """ENOSPC while writing predictions: run.json says failed at predict with the error; after

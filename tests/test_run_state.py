@@ -51,7 +51,21 @@ def test_a_system_exit_inside_a_stage_is_an_interrupt(tmp_path, monkeypatch):
     monkeypatch.setattr(pipeline, "_plan", exits)
     with pytest.raises(SystemExit):
         pipeline.run(_cfg(data), out=tmp_path / "run")
-    assert _state(tmp_path / "run")["status"] == "interrupted"
+    st = _state(tmp_path / "run")
+    assert st["status"] == "interrupted" and st["error"] == "interrupted (Ctrl-C)"  # not Ray's "1"
+
+
+def test_the_command_line_exits_130_when_ray_turns_ctrl_c_into_system_exit(tmp_path, monkeypatch, capsys):
+    data = make_semantic_set(tmp_path / "data")
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text(f"use_algorithm: semantic\npath: {data}\n")
+
+    def exits(*a, **k):
+        raise SystemExit(1)
+
+    monkeypatch.setattr(pipeline, "_plan", exits)
+    assert cli.main(["run", str(cfg_file), "--out", str(tmp_path / "run")]) == 130
+    assert "interrupted" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
