@@ -93,6 +93,7 @@ def _worker_pids(root_pid: int) -> list[int]:
     return [p for p in _descendants(root_pid, parent) if "RayTrainWorker" in args[p]]
 
 
+@pytest.mark.slow  # fault injection, minutes (issue 17: slow where they need minutes)
 @pytest.mark.timeout(420)
 def test_killed_training_worker_is_replaced_and_training_finishes(tmp_path):
     cfg, run_dir, log = _config(tmp_path), tmp_path / "run", tmp_path / "log.txt"
@@ -112,6 +113,7 @@ def test_killed_training_worker_is_replaced_and_training_finishes(tmp_path):
     assert len(list((run_dir / "predictions").glob("*.tif"))) == 2
 
 
+@pytest.mark.slow  # fault injection, minutes
 @pytest.mark.timeout(480)
 def test_resume_after_kill_9_of_the_driver_continues_from_last_checkpoint(tmp_path):
     cfg, run_dir, log = _config(tmp_path), tmp_path / "run", tmp_path / "log.txt"

@@ -7,7 +7,7 @@ import torch
 import torchvision
 from torchvision.models._api import WeightsEnum
 
-from instantdl_ray.errors import WeightsError
+from instantdl_ray.errors import DataError, WeightsError
 from instantdl_ray.models import build_model
 from instantdl_ray.weights import hub_checkpoint_path, load_pretrained, resolve_weights
 
@@ -211,13 +211,10 @@ def test_predict_only_runs_pass_the_trust_key(tmp_path):
     data = make_classification_set(tmp_path / "data")
     base = {"use_algorithm": "classification", "path": str(data), "model": "resnet18",
             "iterations_over_dataset": 0, "pretrained_weights": str(path)}
-    for trust in (False, True):
-        cfg = config.from_dict({**base, "trust_pretrained_weights": trust})
-        inv = validate(cfg)
-        plan = make_plan(cfg, inv)
-        run_dir = tmp_path / f"run{trust}"
-        if not trust:
-            with pytest.raises(WeightsError, match="trust_pretrained_weights"):
-                pipeline._train(cfg, plan, inv, run_dir, None, False, _quiet)
-        else:
-            assert pipeline._train(cfg, plan, inv, run_dir, None, False, _quiet).exists()
+    # without the opt-in the file is refused already at validation, naming the key
+    with pytest.raises(DataError, match="trust_pretrained_weights"):
+        validate(config.from_dict({**base, "trust_pretrained_weights": False}))
+    cfg = config.from_dict({**base, "trust_pretrained_weights": True})
+    inv = validate(cfg)
+    plan = make_plan(cfg, inv)
+    assert pipeline._predict_only_model(cfg, plan, tmp_path / "run", _quiet).exists()
