@@ -63,12 +63,40 @@ def init(address: str | None = None, num_cpus: int | None = None, dashboard: boo
     ctx.print_on_execution_start = False
 
 
-def plan_resources(ray_cfg, cluster_cpus: float, cluster_gpus: float, node_cores: int | None = None) -> Resources:
+def local_gpu_problems(ray_cfg, address: str | None = None) -> list[str]:
+    """``ray.use_gpu`` on a run that starts its own local Ray needs a GPU that PyTorch sees on this
+    machine; said before anything starts (a cluster's GPUs are counted when planning)."""
+    if not ray_cfg.use_gpu or address or ray_cfg.address or os.environ.get("RAY_ADDRESS"):
+        return []
+    import torch
+
+    if torch.cuda.is_available():
+        return []
+    return ["ray.use_gpu: true, but this machine has no GPU that PyTorch can use (torch.cuda.is_available() "
+            "is False) and no Ray cluster is named (ray.address, --address or $RAY_ADDRESS). Set "
+            "ray.use_gpu=false to run on the CPU, or name a Ray cluster that has GPUs"]
+
+
+def gpu_worker_cpus(nodes: list[tuple[float, float]]) -> float:
+    """CPUs for each GPU training worker: half of what a GPU node has per GPU (after one CPU for Ray
+    itself), between 1 and 4; the other half stays with Ray Data, which reads and augments the
+    tiles that feed the GPUs. Sized by the GPU node with the fewest CPUs per GPU (Ray Train gives
+    every worker the same bundle)."""
+    per_gpu = min((cpus - 1) / gpus for cpus, gpus in nodes if gpus >= 1)
+    return float(min(4, max(1, math.floor(per_gpu / 2))))
+
+
+def plan_resources(ray_cfg, cluster_cpus: float, cluster_gpus: float, node_cores: int | None = None,
+                   nodes: list[tuple[float, float]] | None = None) -> Resources:
     """Decide workers, CPUs per worker and actor counts so that data always has a CPU.
 
-    ``ray_cfg`` is ``Config.ray``. Raises ``ConfigError`` when explicit settings cannot fit.
+    ``ray_cfg`` is ``Config.ray``; ``nodes`` the (CPUs, GPUs) of each node (default: one node with
+    the cluster's totals). On GPUs: one training worker per GPU, each with ``gpu_worker_cpus``, and
+    one prediction actor per GPU of the cluster. Raises ``ConfigError`` when explicit settings
+    cannot fit.
     """
     node_cores = node_cores or os.cpu_count() or 1
+    nodes = nodes or [(cluster_cpus, cluster_gpus)]
     n = ray_cfg.num_workers
     use_gpu = bool(ray_cfg.use_gpu)
     problems = []
@@ -79,12 +107,13 @@ def plan_resources(ray_cfg, cluster_cpus: float, cluster_gpus: float, node_cores
         )
     reserve = 1.0 if cluster_cpus <= 8 else max(1.0, math.floor(cluster_cpus * 0.1))
     available = cluster_cpus - reserve
-    if ray_cfg.cpus_per_worker is None:
-        cpw = 1.0 if use_gpu else available / n
-        cpw = min(cpw, 8.0) if not use_gpu else cpw
-        cpw = math.floor(cpw) if cpw >= 1 else round(cpw, 3)
-    else:
+    if ray_cfg.cpus_per_worker is not None:
         cpw = float(ray_cfg.cpus_per_worker)
+    elif use_gpu:
+        cpw = gpu_worker_cpus(nodes) if cluster_gpus >= 1 else 1.0
+    else:
+        cpw = min(available / n, 8.0)
+        cpw = math.floor(cpw) if cpw >= 1 else round(cpw, 3)
     if cpw <= 0 or n * cpw > available + 1e-9:
         problems.append(
             f"ray.num_workers={n} x ray.cpus_per_worker={cpw:g} needs {n * cpw:g} CPUs for training, but the "
@@ -107,6 +136,14 @@ def plan_resources(ray_cfg, cluster_cpus: float, cluster_gpus: float, node_cores
         cluster_cpus=cluster_cpus,
         cluster_gpus=cluster_gpus,
     )
+
+
+def node_resources() -> list[tuple[float, float]]:
+    """(CPUs, GPUs) of every live node of the cluster Ray is connected to."""
+    import ray
+
+    return [(float(n["Resources"].get("CPU", 0)), float(n["Resources"].get("GPU", 0)))
+            for n in ray.nodes() if n.get("Alive")]
 
 
 def cluster_resources() -> tuple[float, float]:

@@ -20,7 +20,7 @@ import numpy as np
 
 from . import config as config_mod
 from .config import Config
-from .errors import InstantDLError, RunFailed
+from .errors import ConfigError, InstantDLError, RunFailed
 from .plan import Plan, make_plan
 from .read import atomic_path
 from .validate import Inventory, validate
@@ -133,6 +133,10 @@ def run(cfg: Config, out: str | Path | None = None, address: str | None = None, 
     """
     t = time.time()
     inv = validate(cfg)  # every data problem reported before anything is written or started
+    from . import _ray
+
+    if problems := _ray.local_gpu_problems(cfg.ray, address):
+        raise ConfigError(problems)
     if resume:
         run_dir = Path(resume).resolve()
         prev = read_state(run_dir)
@@ -225,7 +229,7 @@ def _stages(cfg: Config, inv: Inventory, run_dir: Path, log: RunLog, address, re
     dashboard = cfg.ray.dashboard if cfg.ray.dashboard is not None else cfg.iterations_over_dataset > 0
     _ray.init(address or cfg.ray.address, num_cpus=num_cpus, dashboard=dashboard)
     cpus, gpus = _ray.cluster_resources()
-    resources = _ray.plan_resources(cfg.ray, cpus, gpus)
+    resources = _ray.plan_resources(cfg.ray, cpus, gpus, nodes=_ray.node_resources())
     log.stage("ray_start", t)
     log(f"Ray: {cpus:g} CPU(s), {gpus:g} GPU(s)")
 
@@ -426,6 +430,8 @@ def predict_new(run_dir: str | Path, inputs: str | Path, out: str | Path | None 
             continue
         shapes[str(f)] = shape
         samples.append(read.Sample(read._stem(f), f, None))
+    if gpu := _ray.local_gpu_problems(cfg.ray, address):
+        raise ConfigError(gpu)
     if problems:
         raise DataError(problems)
     out_dir = Path(out) if out else run_dir / "predict" / _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -438,7 +444,7 @@ def predict_new(run_dir: str | Path, inputs: str | Path, out: str | Path | None 
         plan.image_norm.setdefault(str(s.image), image_percentiles(s.image, plan.axes, plan.extra.get("augment")))
     _ray.init(address or cfg.ray.address, dashboard=bool(cfg.ray.dashboard))  # prediction: no Ray Train
     cpus, gpus = _ray.cluster_resources()
-    resources = _ray.plan_resources(cfg.ray, cpus, gpus)
+    resources = _ray.plan_resources(cfg.ray, cpus, gpus, nodes=_ray.node_resources())
     records = predict(cfg, plan, samples, shapes, model_path, out_dir, resources, log=log)
     finish_records(out_dir / "predictions", records)
     log(f"done. Predictions in {out_dir}")

@@ -123,6 +123,10 @@ def test_ray_version_and_token_auth(path):
     for key in ("head_start_ray_commands", "worker_start_ray_commands"):
         starts = [c for c in raw[key] if "ray start" in c]
         assert starts and all("RAY_AUTH_MODE=token" in c for c in starts), f"{path.name}: {key}"
+    # the dashboard / job API (port 8265) is reached through `ray dashboard`'s SSH tunnel only
+    heads = " ".join(raw["head_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in heads and "0.0.0.0" not in heads, \
+        f"{path.name}: the dashboard must listen on the head's loopback only"
 
 
 # ------------------------------------------------------------------ the setup really installs
