@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
 from dataclasses import asdict, dataclass
 
 from .errors import ConfigError
@@ -121,6 +122,13 @@ def plan_resources(ray_cfg, cluster_cpus: float, cluster_gpus: float, node_cores
             f"Data waits forever); lower ray.num_workers, set ray.cpus_per_worker to at most "
             f"{max(available, 0) / n:.2g}, or leave it unset"
         )
+    if not problems and len(nodes) > 1 and not _data_cpu_left(nodes, n, cpw, ray_cfg.placement_strategy):
+        problems.append(
+            f"ray.placement_strategy={ray_cfg.placement_strategy}: {n} worker(s) x {cpw:g} CPU over nodes with "
+            f"{', '.join(f'{c:g}' for c, _ in nodes)} CPUs leave no node with a whole CPU for data loading (a Ray "
+            "Data task needs one; training would wait forever); use PACK, fewer workers or lower "
+            "ray.cpus_per_worker, or nodes with more CPUs"
+        )
     if problems:
         raise ConfigError(problems, title="Cannot plan Ray resources")
     per_node_workers = max(1, min(n, int(cluster_cpus // max(cpw, 1e-9)) or 1))
@@ -138,6 +146,22 @@ def plan_resources(ray_cfg, cluster_cpus: float, cluster_gpus: float, node_cores
     )
 
 
+def _data_cpu_left(nodes: list[tuple[float, float]], n: int, cpw: float, strategy: str) -> bool:
+    """Whether, after Ray places ``n`` worker bundles of ``cpw`` CPUs by ``strategy`` (PACK: as
+    few nodes as possible, the largest first; SPREAD: one node after the other), some node still
+    has a whole CPU free: the CPUs kept for data are no use split in halves over two nodes."""
+    free = sorted((c for c, _ in nodes), reverse=True)
+    placed = [0] * len(free)
+    for _ in range(n):
+        fits = [i for i in range(len(free)) if free[i] >= cpw - 1e-9]
+        if not fits:
+            return True  # does not fit at all: said by the CPU check, not here
+        i = min(fits, key=lambda j: (placed[j], -free[j])) if "SPREAD" in strategy else fits[0]
+        free[i] -= cpw
+        placed[i] += 1
+    return max(free) >= 1 - 1e-9
+
+
 def node_resources() -> list[tuple[float, float]]:
     """(CPUs, GPUs) of every live node of the cluster Ray is connected to."""
     import ray
@@ -151,3 +175,70 @@ def cluster_resources() -> tuple[float, float]:
 
     res = ray.cluster_resources()
     return float(res.get("CPU", 0)), float(res.get("GPU", 0))
+
+
+def demand(ray_cfg) -> list[dict]:
+    """The resource bundles a run needs: one per training worker (``cpus_per_worker``, default 1
+    CPU, plus a GPU with ``use_gpu``) and one CPU for the data loading that feeds them."""
+    worker = {"CPU": float(ray_cfg.cpus_per_worker or 1)} | ({"GPU": 1.0} if ray_cfg.use_gpu else {})
+    return [dict(worker) for _ in range(ray_cfg.num_workers)] + [{"CPU": 1.0}]
+
+
+def plan_on_cluster(ray_cfg, log=print, local: bool = True, poll_s: float = 2.0) -> Resources:
+    """``plan_resources`` for the cluster Ray is connected to. A joined cluster that is too small
+    for ``ray.num_workers`` is asked to grow (``ray.autoscaler.sdk.request_resources``: Ray's
+    autoscaler adds nodes of a type that fits) and the plan waits up to ``ray.autoscale_wait_s``
+    for them; ``release_demand`` withdraws the request after training, so idle nodes go again.
+    A local Ray cannot grow: its shortfall is reported at once."""
+    try:
+        return plan_resources(ray_cfg, *cluster_resources(), nodes=node_resources())
+    except ConfigError as short:
+        wait_s = 0 if local else float(ray_cfg.autoscale_wait_s)
+        if wait_s <= 0:
+            raise
+        first = short
+    from ray.autoscaler.sdk import request_resources
+
+    bundles = demand(ray_cfg)
+    request_resources(bundles=bundles)
+    want_cpu = sum(b["CPU"] for b in bundles)
+    want_gpu = sum(b.get("GPU", 0) for b in bundles)
+    cpus, gpus = cluster_resources()
+    log(f"the cluster has {cpus:g} CPU(s), {gpus:g} GPU(s); asked Ray's autoscaler for {len(bundles) - 1} "
+        f"worker bundle(s) (~{want_cpu:g} CPUs{f', {want_gpu:g} GPUs' if want_gpu else ''} in all), "
+        f"waiting up to {wait_s:g} s (ray.autoscale_wait_s)")
+    deadline, seen = time.time() + wait_s, len(node_resources())
+    while time.time() < deadline:  # until the cluster holds what was asked for
+        time.sleep(poll_s)
+        nodes = node_resources()
+        have_cpu, have_gpu = sum(c for c, _ in nodes), sum(g for _, g in nodes)
+        if len(nodes) != seen:
+            seen = len(nodes)
+            log(f"cluster: {seen} node(s), {have_cpu:g} CPU(s), {have_gpu:g} GPU(s)")
+        if have_cpu >= want_cpu and have_gpu >= want_gpu:
+            return plan_resources(ray_cfg, have_cpu, have_gpu, nodes=nodes)
+    try:  # it grew less than asked, yet enough for a plan (e.g. its max_workers reached)
+        res = plan_resources(ray_cfg, *cluster_resources(), nodes=node_resources())
+        log(f"the cluster did not grow to what was asked in {wait_s:g} s; training with what it has")
+        return res
+    except ConfigError:
+        pass
+    release_demand()
+    raise ConfigError(first.problems + [
+        f"waited {wait_s:g} s (ray.autoscale_wait_s) for the cluster to grow to the "
+        f"{len(bundles)} bundle(s) above; it did not: no autoscaler (a fixed cluster: lower ray.num_workers), "
+        "its max_workers reached, or nodes slow to start (raise ray.autoscale_wait_s)"], title=first.title)
+
+
+def release_demand() -> None:
+    """Withdraw ``plan_on_cluster``'s request, so the autoscaler may remove idle nodes again."""
+    import ray
+
+    if not ray.is_initialized():
+        return
+    from ray.autoscaler.sdk import request_resources
+
+    try:
+        request_resources(bundles=[])
+    except Exception as e:  # the cluster is gone or unreachable: nothing left to release
+        logging.getLogger(__name__).warning("could not withdraw the autoscaler request: %s", e)

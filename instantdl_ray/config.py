@@ -71,6 +71,9 @@ class RayConfig(_Strict):
     max_failures: int = Field(2, ge=0)
     predict_actors: Optional[int] = Field(None, ge=1)  # None: one per free CPU/GPU
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"  # workers over nodes
+    # a joined cluster smaller than the run needs is asked to grow (Ray's autoscaler); seconds to
+    # wait for its nodes before the run gives up (a local Ray never waits)
+    autoscale_wait_s: float = Field(600, ge=0)
     # local Ray only: start Ray's dashboard. None: only when training (Ray Train's placement-group
     # cleaner polls Ray's state API, which the dashboard serves); prediction runs without (~200 MiB less)
     dashboard: Optional[bool] = None

@@ -177,6 +177,9 @@ def run(cfg: Config, out: str | Path | None = None, address: str | None = None, 
             raise RunFailed([f"{progress['stage']}: {type(e).__name__}: {str(e).splitlines()[0][:500] if str(e) else ''}",
                              f"details (traceback) in {log.path}",
                              f"after fixing the cause, continue with: {resume_command(run_dir)}"]) from e
+        finally:
+            if not local_ray:
+                _ray.release_demand()  # a grown cluster's autoscaler may remove the idle nodes again
     return run_dir
 
 
@@ -228,10 +231,11 @@ def _stages(cfg: Config, inv: Inventory, run_dir: Path, log: RunLog, address, re
 
     dashboard = cfg.ray.dashboard if cfg.ray.dashboard is not None else cfg.iterations_over_dataset > 0
     _ray.init(address or cfg.ray.address, num_cpus=num_cpus, dashboard=dashboard)
-    cpus, gpus = _ray.cluster_resources()
-    resources = _ray.plan_resources(cfg.ray, cpus, gpus, nodes=_ray.node_resources())
+    # a joined cluster too small for the run is asked to grow (Ray's autoscaler) and waited for;
+    # run() withdraws the request at the end
+    resources = _ray.plan_on_cluster(cfg.ray, log, local=not (address or cfg.ray.address or os.environ.get("RAY_ADDRESS")))
     log.stage("ray_start", t)
-    log(f"Ray: {cpus:g} CPU(s), {gpus:g} GPU(s)")
+    log(f"Ray: {resources.cluster_cpus:g} CPU(s), {resources.cluster_gpus:g} GPU(s)")
 
     if cfg.iterations_over_dataset > 0:
         t = time.time()

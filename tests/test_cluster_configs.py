@@ -51,7 +51,7 @@ def _ids(paths):
 
 def test_cluster_folder_has_the_documented_files():
     names = {p.name for p in YAMLS}
-    assert {"minimal.yaml", "gpu_aws.yaml"} <= names
+    assert {"minimal.yaml", "gpu_aws.yaml", "onprem.yaml"} <= names
     assert (CLUSTER / "README.md").exists()
 
 
@@ -65,29 +65,52 @@ def test_passes_ray_cluster_config_validation(path):
     assert cfg["head_node_type"] in cfg["available_node_types"]
 
 
-# each: (what is broken, how) -- applied to a copy of every YAML, all must be rejected by Ray
-BREAKAGES = {
+# each: (what is broken, how) -- applied to a copy of every YAML it concerns, all must be rejected by Ray
+COMMON_BREAKAGES = {
     "typo_top_level_key": lambda c: c.update(max_worker=c.pop("max_workers")),
     "max_workers_not_int": lambda c: c.update(max_workers="four"),
+    "setup_command_not_string": lambda c: c.update(setup_commands=[*c.get("setup_commands", []), 42]),
+}
+# cloud providers: node types
+NODE_TYPE_BREAKAGES = {
     "node_type_without_resources": lambda c: next(iter(c["available_node_types"].values())).pop("resources"),
     "unknown_node_type_field": lambda c: next(iter(c["available_node_types"].values())).update(gpus=1),
     "head_type_missing": lambda c: c.update(head_node_type="no_such_type"),
     "min_workers_above_max": lambda c: [t.update(min_workers=50) for n, t in c["available_node_types"].items()
                                         if n != c["head_node_type"]],
-    "setup_command_not_string": lambda c: c.update(setup_commands=[*c.get("setup_commands", []), 42]),
+}
+# own machines (`local` provider): a fixed list of addresses, no node types
+LOCAL_BREAKAGES = {
+    "head_ip_missing": lambda c: c["provider"].pop("head_ip"),
+    "worker_ips_missing": lambda c: c["provider"].pop("worker_ips"),
+    "node_types_on_own_machines": lambda c: c.update(available_node_types={"w": {"node_config": {}, "resources": {}}}),
 }
 
 
-@pytest.mark.parametrize("breakage", sorted(BREAKAGES))
-@pytest.mark.parametrize("path", YAMLS, ids=_ids(YAMLS))
+def _breakage_cases():
+    cases = []
+    for path in YAMLS:
+        local = _load(path)["provider"]["type"] == "local"
+        for name in sorted(COMMON_BREAKAGES | (LOCAL_BREAKAGES if local else NODE_TYPE_BREAKAGES)):
+            cases.append(pytest.param(path, name, id=f"{path.name}-{name}"))
+    return cases
+
+
+ALL_BREAKAGES = COMMON_BREAKAGES | NODE_TYPE_BREAKAGES | LOCAL_BREAKAGES
+
+
+@pytest.mark.parametrize("path,breakage", _breakage_cases())
 def test_broken_copy_fails_validation(path, breakage, tmp_path):
+    import click
     import jsonschema
 
     raw = _load(path)
-    BREAKAGES[breakage](raw)
+    ALL_BREAKAGES[breakage](raw)
     broken = tmp_path / f"broken_{path.name}"
     broken.write_text(yaml.safe_dump(raw))
-    with pytest.raises((jsonschema.ValidationError, ValueError)):
+    # Ray's local-provider checks abort through its CLI logger (a click exception), or compare
+    # max_workers before the schema check (a TypeError)
+    with pytest.raises((jsonschema.ValidationError, ValueError, TypeError, click.ClickException)):
         ray_validate(_load(broken))
 
 
