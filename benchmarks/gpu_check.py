@@ -2,7 +2,8 @@
 
 Run on a machine with a GPU:   bash benchmarks/gpu_check.sh
 Without a GPU it still runs the CPU column (and says the GPU is absent), so the script itself is
-tested here. Prints one line per task: images/s on CPU, on GPU (AMP), and the speed-up; then runs
+tested here. Prints one line per task: images/s on CPU, on GPU (AMP), the speed-up and the peak
+GPU memory of training at that batch size; then runs
 the real pipeline on the bundled example with ``ray.use_gpu=true`` (one GPU worker).
 """
 
@@ -82,8 +83,10 @@ def main() -> None:
         cpu = throughput(case, "cpu", args.cpu_steps)
         line = f"{case[0]:15s} {case[1]:10s} cpu {cpu:7.2f} img/s"
         if gpu:
+            torch.cuda.reset_peak_memory_stats()
             g = throughput(case, "cuda", args.steps)
-            line += f"   gpu(amp) {g:8.1f} img/s   speed-up {g / cpu:6.1f}x"
+            peak = torch.cuda.max_memory_allocated() / 2**30
+            line += f"   gpu(amp) {g:8.1f} img/s   speed-up {g / cpu:6.1f}x   peak GPU memory {peak:5.2f} GiB"
         print(line, flush=True)
 
 
