@@ -52,6 +52,12 @@ def init(address: str | None = None, num_cpus: int | None = None, dashboard: boo
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
+    import signal
+    import threading
+
+    # ray.init replaces the SIGTERM handler by sys.exit(15), so a run preempted by a scheduler would
+    # be recorded as a Ctrl-C; the handler a run installed (pipeline._sigterm_as_interrupt) stays
+    keep = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
     kwargs = dict(logging_level=logging.WARNING, log_to_driver=True,
                   runtime_env={"worker_process_setup_hook": "instantdl_ray._ray.worker_setup"})
     if address:
@@ -59,6 +65,8 @@ def init(address: str | None = None, num_cpus: int | None = None, dashboard: boo
     else:
         os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
         ray.init(num_cpus=num_cpus, include_dashboard=dashboard, **kwargs)
+    if callable(keep):
+        signal.signal(signal.SIGTERM, keep)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False

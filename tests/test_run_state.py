@@ -136,3 +136,23 @@ def test_the_state_is_recorded_on_a_full_disk(tmp_path, monkeypatch):
     monkeypatch.setattr("builtins.open", lambda *a, **k: (_ for _ in ()).throw(OSError(errno.ENOSPC, "full")))
     log("still printed")  # no exception: the line goes to the console only
     assert log.path is None
+
+
+@pytest.mark.timeout(180)
+def test_starting_ray_keeps_the_runs_sigterm_handler():
+    """ray.init installs its own SIGTERM handler (sys.exit(15)): a run preempted by a scheduler was
+    then recorded as "interrupted (Ctrl-C)". Starting Ray keeps the handler the run installed. In
+    a fresh process, since this one's Ray may already run."""
+    import subprocess
+    import sys
+
+    code = ("import signal\n"
+            "from instantdl_ray import _ray\n"
+            "def mine(signum, frame): pass\n"
+            "signal.signal(signal.SIGTERM, mine)\n"
+            "_ray.init(num_cpus=1)\n"
+            "print('kept' if signal.getsignal(signal.SIGTERM) is mine else 'replaced')\n")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=150, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip().splitlines()[-1] == "kept", r.stdout
