@@ -355,6 +355,27 @@ def measure_semantic(run: Run, mosaics: list[dict]) -> dict:
                     lambda fin: {"threshold": fin.get("threshold")})
 
 
+def measure_semantic_reference(run: Run, mosaics: list[dict]) -> dict:
+    """The same bands scored on each mosaic predicted as ONE whole tile (no seams at all): where
+    the seam band lies (a fixed distance from the pasted images' borders, where nuclei are cut)
+    may be harder by itself. The seams' own cost is the tiled band's Jaccard below this one."""
+    from instantdl_ray import read
+    from instantdl_ray.plan import Plan, round_up
+
+    total: dict = {}
+    for m in mosaics:
+        run.add_image(m["image"])
+        _, _, tiles = run.predict(m["image"])  # the tiled grid: where its seams are
+        gt = read.read_raw(m["groundtruth"])
+        whole = Plan.from_json(run.plan.to_dict())
+        whole.tile_shape = [round_up(n, 16) for n in gt.shape]
+        _, fin, tiles_w = run.predict(m["image"], plan=whole)
+        assert len(tiles_w) == 1
+        pred = fin["prediction"] if run.plan.num_classes == 1 else fin["prediction"] > 0
+        add_counts(total, semantic_counts(gt, pred, seam_lines(tiles, gt.shape), mosaic_lines(gt.shape, m["cell"])))
+    return semantic_summary(total)
+
+
 def mosaic_shape(mosaic: dict) -> list[int]:
     from instantdl_ray import read
 
@@ -436,6 +457,11 @@ def print_semantic(r: dict, header: str) -> None:
     print(f"  {f'<= {BAND} px of a seam':22s} {r['pixels_seam']:10d} {_f(r['jaccard_seam']):>8s}")
     print(f"  {'elsewhere':22s} {r['pixels_other']:10d} {_f(r['jaccard_other']):>8s}")
     print(f"  gap (elsewhere - seam): {_f(r['gap'])}   ({BAND} px around mosaic borders in neither region)")
+    if "whole_tile_reference" in r:
+        ref = r["whole_tile_reference"]
+        print(f"  no-seam reference (each mosaic as one whole tile, same bands): seam band {_f(ref['jaccard_seam'])}, "
+              f"elsewhere {_f(ref['jaccard_other'])}, gap {_f(ref['gap'])}")
+        print(f"  cost of the seams (reference - tiled, in the seam band): {_f(r['seam_cost'])}")
 
 
 def print_consistency(r: dict, header: str) -> None:
@@ -482,6 +508,9 @@ def seam_part(kind: str, run: Run, args, tmp: Path) -> dict:
              seams_first_mosaic=r["per_mosaic"][0]["seams"], wall_s=round(time.time() - t0, 1))
     if kind == "semantic":
         r["decision"] = run.plan.extra.get("decision")
+        ref = measure_semantic_reference(run, mosaics)
+        r["whole_tile_reference"] = {k: ref[k] for k in ("jaccard_seam", "jaccard_other", "gap")}
+        r["seam_cost"] = ref["jaccard_seam"] - r["jaccard_seam"]  # what tiling costs in the seam band
     header = (f"{kind} run {run.dir}: {len(mosaics)} mosaic(s) of {args.grid}x{args.grid} test images "
               f"({side[0]}x{side[1]}), {run.grid_text()}; {r['wall_s']} s")
     (print_instance if kind == "instance" else print_semantic)(r, header)
