@@ -355,24 +355,23 @@ def measure_semantic(run: Run, mosaics: list[dict]) -> dict:
                     lambda fin: {"threshold": fin.get("threshold")})
 
 
-def measure_semantic_reference(run: Run, mosaics: list[dict]) -> dict:
-    """The same bands scored on each mosaic predicted as ONE whole tile (no seams at all): where
-    the seam band lies (a fixed distance from the pasted images' borders, where nuclei are cut)
-    may be harder by itself. The seams' own cost is the tiled band's Jaccard below this one."""
+def measure_semantic_reference(run: Run, mosaics: list[dict], seams: list) -> dict:
+    """The same bands (``seams``: each mosaic's seam lines of the tiled grid, as ``measure_semantic``
+    found them) scored on each mosaic predicted as ONE whole tile (no seams at all): where the seam
+    band lies (a fixed distance from the pasted images' borders, where nuclei are cut) may be harder
+    by itself. The seams' own cost is the tiled band's Jaccard below this one."""
     from instantdl_ray import read
     from instantdl_ray.plan import Plan, round_up
 
     total: dict = {}
-    for m in mosaics:
-        run.add_image(m["image"])
-        _, _, tiles = run.predict(m["image"])  # the tiled grid: where its seams are
+    for m, lines in zip(mosaics, seams):
         gt = read.read_raw(m["groundtruth"])
         whole = Plan.from_json(run.plan.to_dict())
         whole.tile_shape = [round_up(n, 16) for n in gt.shape]
         _, fin, tiles_w = run.predict(m["image"], plan=whole)
         assert len(tiles_w) == 1
         pred = fin["prediction"] if run.plan.num_classes == 1 else fin["prediction"] > 0
-        add_counts(total, semantic_counts(gt, pred, seam_lines(tiles, gt.shape), mosaic_lines(gt.shape, m["cell"])))
+        add_counts(total, semantic_counts(gt, pred, lines, mosaic_lines(gt.shape, m["cell"])))
     return semantic_summary(total)
 
 
@@ -508,7 +507,7 @@ def seam_part(kind: str, run: Run, args, tmp: Path) -> dict:
              seams_first_mosaic=r["per_mosaic"][0]["seams"], wall_s=round(time.time() - t0, 1))
     if kind == "semantic":
         r["decision"] = run.plan.extra.get("decision")
-        ref = measure_semantic_reference(run, mosaics)
+        ref = measure_semantic_reference(run, mosaics, [m["seams"] for m in r["per_mosaic"]])
         r["whole_tile_reference"] = {k: ref[k] for k in ("jaccard_seam", "jaccard_other", "gap")}
         r["seam_cost"] = ref["jaccard_seam"] - r["jaccard_seam"]  # what tiling costs in the seam band
     header = (f"{kind} run {run.dir}: {len(mosaics)} mosaic(s) of {args.grid}x{args.grid} test images "

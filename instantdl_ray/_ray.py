@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass
 
@@ -52,9 +54,6 @@ def init(address: str | None = None, num_cpus: int | None = None, dashboard: boo
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
-    import signal
-    import threading
-
     # ray.init replaces the SIGTERM handler by sys.exit(15), so a run preempted by a scheduler would
     # be recorded as a Ctrl-C; the handler a run installed (pipeline._sigterm_as_interrupt) stays
     keep = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
@@ -72,10 +71,16 @@ def init(address: str | None = None, num_cpus: int | None = None, dashboard: boo
     ctx.print_on_execution_start = False
 
 
+def is_local(ray_cfg, address: str | None = None) -> bool:
+    """Whether a run starts its own local Ray (no ``--address``, ``ray.address`` or ``$RAY_ADDRESS``)
+    instead of joining a cluster: the same test ``init`` makes."""
+    return not (address or ray_cfg.address or os.environ.get("RAY_ADDRESS"))
+
+
 def local_gpu_problems(ray_cfg, address: str | None = None) -> list[str]:
     """``ray.use_gpu`` on a run that starts its own local Ray needs a GPU that PyTorch sees on this
     machine; said before anything starts (a cluster's GPUs are counted when planning)."""
-    if not ray_cfg.use_gpu or address or ray_cfg.address or os.environ.get("RAY_ADDRESS"):
+    if not ray_cfg.use_gpu or not is_local(ray_cfg, address):
         return []
     import torch
 
@@ -178,6 +183,12 @@ def node_resources() -> list[tuple[float, float]]:
             for n in ray.nodes() if n.get("Alive")]
 
 
+def plan_now(ray_cfg) -> Resources:
+    """``plan_resources`` for the nodes the cluster has at this moment."""
+    nodes = node_resources()
+    return plan_resources(ray_cfg, sum(c for c, _ in nodes), sum(g for _, g in nodes), nodes=nodes)
+
+
 def cluster_resources() -> tuple[float, float]:
     import ray
 
@@ -199,7 +210,7 @@ def plan_on_cluster(ray_cfg, log=print, local: bool = True, poll_s: float = 2.0)
     for them; ``release_demand`` withdraws the request after training, so idle nodes go again.
     A local Ray cannot grow: its shortfall is reported at once."""
     try:
-        return plan_resources(ray_cfg, *cluster_resources(), nodes=node_resources())
+        return plan_now(ray_cfg)
     except ConfigError as short:
         wait_s = 0 if local else float(ray_cfg.autoscale_wait_s)
         if wait_s <= 0:
@@ -211,11 +222,11 @@ def plan_on_cluster(ray_cfg, log=print, local: bool = True, poll_s: float = 2.0)
     request_resources(bundles=bundles)
     want_cpu = sum(b["CPU"] for b in bundles)
     want_gpu = sum(b.get("GPU", 0) for b in bundles)
-    cpus, gpus = cluster_resources()
-    log(f"the cluster has {cpus:g} CPU(s), {gpus:g} GPU(s); asked Ray's autoscaler for {len(bundles) - 1} "
+    nodes = node_resources()
+    log(f"the cluster has {sum(c for c, _ in nodes):g} CPU(s), {sum(g for _, g in nodes):g} GPU(s); asked Ray's autoscaler for {len(bundles) - 1} "
         f"worker bundle(s) (~{want_cpu:g} CPUs{f', {want_gpu:g} GPUs' if want_gpu else ''} in all), "
         f"waiting up to {wait_s:g} s (ray.autoscale_wait_s)")
-    deadline, seen = time.time() + wait_s, len(node_resources())
+    deadline, seen = time.time() + wait_s, len(nodes)
     while time.time() < deadline:  # until the cluster holds what was asked for
         time.sleep(poll_s)
         nodes = node_resources()
@@ -226,7 +237,7 @@ def plan_on_cluster(ray_cfg, log=print, local: bool = True, poll_s: float = 2.0)
         if have_cpu >= want_cpu and have_gpu >= want_gpu:
             return plan_resources(ray_cfg, have_cpu, have_gpu, nodes=nodes)
     try:  # it grew less than asked, yet enough for a plan (e.g. its max_workers reached)
-        res = plan_resources(ray_cfg, *cluster_resources(), nodes=node_resources())
+        res = plan_now(ray_cfg)
         log(f"the cluster did not grow to what was asked in {wait_s:g} s; training with what it has")
         return res
     except ConfigError:

@@ -56,8 +56,6 @@ def make_run_dir(cfg: Config, out: str | Path | None) -> Path:
     if out:
         run_dir = Path(out).expanduser().resolve()
     else:
-        import os
-
         stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         run_dir = Path(cfg.path) / "runs" / stamp
         if not os.access(cfg.path, os.W_OK):  # read-only data (a shared drive): runs go to ./runs
@@ -162,10 +160,10 @@ def run(cfg: Config, out: str | Path | None = None, address: str | None = None, 
                stage=None, error=None, ended=None, resume_command=None)
     config_mod.dump(cfg, run_dir / "config.yaml")
     progress = {"stage": "plan"}
-    local_ray = not (address or cfg.ray.address or os.environ.get("RAY_ADDRESS"))
+    local_ray = _ray.is_local(cfg.ray, address)
     with _sigterm_as_interrupt():
         try:
-            _stages(cfg, inv, run_dir, log, address, resume, num_cpus, progress, force)
+            _stages(cfg, inv, run_dir, log, address, resume, num_cpus, progress, force, local_ray)
         except BaseException as e:
             _record_failure(run_dir, log, progress["stage"], e)
             if isinstance(e, (KeyboardInterrupt, SystemExit)) and local_ray:
@@ -207,7 +205,7 @@ def _record_failure(run_dir: Path, log: RunLog, stage: str, e: BaseException) ->
 
 
 def _stages(cfg: Config, inv: Inventory, run_dir: Path, log: RunLog, address, resume, num_cpus, progress: dict,
-            force: bool = False) -> None:
+            force: bool = False, local_ray: bool = True) -> None:
     t = time.time()
     plan = _plan(cfg, inv, run_dir, resume)
     log.stage("plan", t)
@@ -233,7 +231,7 @@ def _stages(cfg: Config, inv: Inventory, run_dir: Path, log: RunLog, address, re
     _ray.init(address or cfg.ray.address, num_cpus=num_cpus, dashboard=dashboard)
     # a joined cluster too small for the run is asked to grow (Ray's autoscaler) and waited for;
     # run() withdraws the request at the end
-    resources = _ray.plan_on_cluster(cfg.ray, log, local=not (address or cfg.ray.address or os.environ.get("RAY_ADDRESS")))
+    resources = _ray.plan_on_cluster(cfg.ray, log, local=local_ray)
     log.stage("ray_start", t)
     log(f"Ray: {resources.cluster_cpus:g} CPU(s), {resources.cluster_gpus:g} GPU(s)")
 
@@ -447,8 +445,7 @@ def predict_new(run_dir: str | Path, inputs: str | Path, out: str | Path | None 
     for s in samples:
         plan.image_norm.setdefault(str(s.image), image_percentiles(s.image, plan.axes, plan.extra.get("augment")))
     _ray.init(address or cfg.ray.address, dashboard=bool(cfg.ray.dashboard))  # prediction: no Ray Train
-    cpus, gpus = _ray.cluster_resources()
-    resources = _ray.plan_resources(cfg.ray, cpus, gpus, nodes=_ray.node_resources())
+    resources = _ray.plan_now(cfg.ray)
     records = predict(cfg, plan, samples, shapes, model_path, out_dir, resources, log=log)
     finish_records(out_dir / "predictions", records)
     log(f"done. Predictions in {out_dir}")

@@ -71,6 +71,17 @@ def make_semantic_set(root: Path, n_train=6, n_test=3, shape=(64, 64), seed=0) -
     return root
 
 
+def make_run_config(root: Path, epochs: int, extra: str = "") -> Path:
+    """``root/cfg.yaml`` for a small semantic run on ``root/data`` (8 train / 2 test synthetic images,
+    batch size 2, no early stop, no Monte-Carlo dropout), for the tests that drive
+    ``python -m instantdl_ray run`` in a subprocess or on a cluster."""
+    data = make_semantic_set(root / "data", n_train=8, n_test=2)
+    cfg = root / "cfg.yaml"
+    cfg.write_text(f"use_algorithm: semantic\npath: {data}\niterations_over_dataset: {epochs}\nbatchsize: 2\n"
+                   "early_stopping_patience: 100\ncalculate_uncertainty: false\n" + extra)
+    return cfg
+
+
 @pytest.fixture
 def semantic_set(tmp_path) -> Path:
     return make_semantic_set(tmp_path / "data")

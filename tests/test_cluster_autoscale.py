@@ -22,7 +22,7 @@ import pytest
 
 from ray.autoscaler._private.fake_multi_node.node_provider import FAKE_HEAD_NODE_ID
 
-from conftest import make_semantic_set
+from conftest import make_run_config
 from test_fault_tolerance import _processes
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
@@ -94,10 +94,7 @@ def test_head_only_cluster_grows_for_a_run_and_shrinks_after(tmp_path):
         while _alive_nodes(env) != 1:
             assert time.time() < deadline, (tmp_path / "head.log").read_text()[-2000:]
             time.sleep(2)
-        data = make_semantic_set(tmp_path / "data", n_train=8, n_test=2)
-        cfg = tmp_path / "cfg.yaml"
-        cfg.write_text(f"use_algorithm: semantic\npath: {data}\niterations_over_dataset: 3\nbatchsize: 2\n"
-                       "early_stopping_patience: 100\ncalculate_uncertainty: false\n")
+        cfg = make_run_config(tmp_path, 3)
         run_dir, log = tmp_path / "run", tmp_path / "run.log"
         r = subprocess.run(
             [sys.executable, "-m", "instantdl_ray", "run", str(cfg), "--out", str(run_dir), "--address",

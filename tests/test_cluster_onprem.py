@@ -22,7 +22,6 @@ import json
 import os
 import pwd
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -32,7 +31,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import make_semantic_set
+from conftest import make_run_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 
@@ -46,7 +45,12 @@ def _sh(cmd: list[str], timeout: int = 600, **kw) -> subprocess.CompletedProcess
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kw)
 
 
-def _apt_install(*packages: str) -> None:
+def need_debian_packages(*packages: str) -> None:
+    """Skip unless this process may install Debian packages (root, apt-get); install the missing."""
+    if os.geteuid() != 0:
+        pytest.skip(f"needs root: installs {', '.join(packages)} with apt-get and runs them")
+    if not shutil.which("apt-get"):
+        pytest.skip(f"needs Debian's apt-get to install {', '.join(packages)}")
     missing = [p for p in packages if _sh(["dpkg", "-s", p]).returncode != 0]
     if not missing:
         return
@@ -78,11 +82,7 @@ def _run_as(cmd: list[str], home: Path, timeout: int = 600, cwd: Path | None = N
 @pytest.fixture
 def ssh_machine(tmp_path):
     """The test user with a key, and an SSH server on 127.0.0.1 and 127.0.0.2 that accepts it."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root: installs openssh-server and rsync with apt-get and adds a test user")
-    if not shutil.which("apt-get"):
-        pytest.skip("needs Debian's apt-get to install openssh-server and rsync")
-    _apt_install("openssh-server", "openssh-client", "rsync")
+    need_debian_packages("openssh-server", "openssh-client", "rsync")  # and adds a test user
     if _sh(["id", USER]).returncode:
         _sh(["useradd", "--create-home", "--shell", "/bin/bash", USER]).check_returncode()
     # no password, but not locked: sshd (without PAM) refuses locked accounts even with a key
@@ -196,10 +196,7 @@ def test_ray_up_job_submit_ray_down_on_loopback(ssh_machine, tmp_path):
     shutil.chown(work, USER, USER)
     cluster_yaml = work / "onprem-test.yaml"
     _test_yaml(home, cluster_yaml)
-    data = make_semantic_set(work / "data", n_train=8, n_test=2)
-    cfg = work / "cfg.yaml"
-    cfg.write_text(f"use_algorithm: semantic\npath: {data}\niterations_over_dataset: 3\nbatchsize: 2\n"
-                   "early_stopping_patience: 100\ncalculate_uncertainty: false\n")
+    cfg = make_run_config(work, 3)
     _sh(["chown", "-R", f"{USER}:{USER}", str(work)]).check_returncode()
     t0 = time.time()
     r = _run_as([str(BIN / "ray"), "get-auth-token", "--generate"], home)

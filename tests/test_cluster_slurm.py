@@ -17,7 +17,6 @@ import re
 import shutil
 import signal
 import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -25,8 +24,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import make_semantic_set
-from test_cluster_onprem import _apt_install, _free_port, _sh
+from conftest import make_run_config
+from test_cluster_onprem import _free_port, _sh, need_debian_packages
 from test_fault_tolerance import _checkpoint_epochs
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
@@ -38,11 +37,7 @@ SCRIPT = REPO / "cluster" / "slurm" / "instantdl.sbatch"
 @pytest.fixture
 def slurm(tmp_path):
     """munged, slurmctld and two slurmd on this machine; yields the environment for sbatch & co."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root: installs slurm-wlm and munge with apt-get and runs their daemons")
-    if not shutil.which("apt-get"):
-        pytest.skip("needs Debian's apt-get to install slurm-wlm and munge")
-    _apt_install("slurm-wlm", "munge")
+    need_debian_packages("slurm-wlm", "munge")
     d = Path(f"/tmp/slurm-test-{os.getpid()}")  # short: munge's socket path
     shutil.rmtree(d, ignore_errors=True)
     (d / "munge").mkdir(parents=True)
@@ -124,10 +119,7 @@ def test_sbatch_trains_on_two_nodes_and_resumes_after_requeue(slurm):
     env, d = slurm
     work = d / "work"
     work.mkdir()
-    data = make_semantic_set(work / "data", n_train=8, n_test=2)
-    cfg = work / "cfg.yaml"
-    cfg.write_text(f"use_algorithm: semantic\npath: {data}\niterations_over_dataset: 8\nbatchsize: 2\n"
-                   "early_stopping_patience: 100\ncalculate_uncertainty: false\n")
+    cfg = make_run_config(work, 8)
     run_dir = work / "run"
     t0 = time.time()
     r = _sh(["sbatch", "--parsable", "--chdir", str(work), "--cpus-per-task=2", "--time=30",

@@ -17,19 +17,13 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import make_semantic_set
+from conftest import make_run_config
 
 EPOCHS = 8
 
 
 def _config(tmp_path: Path) -> Path:
-    data = make_semantic_set(tmp_path / "data", n_train=8, n_test=2)
-    cfg = tmp_path / "cfg.yaml"
-    cfg.write_text(
-        f"use_algorithm: semantic\npath: {data}\niterations_over_dataset: {EPOCHS}\nbatchsize: 2\n"
-        "early_stopping_patience: 100\ncalculate_uncertainty: false\nevaluation: false\n"
-    )
-    return cfg
+    return make_run_config(tmp_path, EPOCHS, "evaluation: false\n")
 
 
 def _start(args: list[str], log: Path) -> subprocess.Popen:

@@ -20,7 +20,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import make_semantic_set
+from conftest import make_run_config
 from test_fault_tolerance import _checkpoint_epochs, _wait
 
 pytestmark = pytest.mark.slow
@@ -73,10 +73,7 @@ def test_run_on_two_nodes_survives_a_killed_worker(two_node_cluster, tmp_path):
     from test_fault_tolerance import _worker_pids
 
     env, node_pids = two_node_cluster
-    data = make_semantic_set(tmp_path / "data", n_train=8, n_test=2)
-    cfg = tmp_path / "cfg.yaml"
-    cfg.write_text(f"use_algorithm: semantic\npath: {data}\niterations_over_dataset: 8\nbatchsize: 2\n"
-                   "early_stopping_patience: 100\ncalculate_uncertainty: false\n")
+    cfg = make_run_config(tmp_path, 8)
     run_dir, log = tmp_path / "run", tmp_path / "run.log"
     proc = subprocess.Popen(
         [sys.executable, "-m", "instantdl_ray", "run", str(cfg), "--out", str(run_dir), "--address",
