@@ -29,6 +29,11 @@ the package's own prediction pieces as ``predict.predict`` chains them: ``datase
      objects that each cover >= 10 % of the object. Bounds (issue): gap <= 0.03, split < 5 %.
    * semantic: pooled pixel Jaccard within ``BAND`` (16) px of a seam line vs elsewhere (the band
      of 16 px around mosaic borders excluded from both), and the gap (elsewhere - seam).
+     Where the seam band lies (a fixed distance from the pasted images' borders) is a confound, so
+     two references follow: each mosaic as one whole tile (no seams; but a larger InstanceNorm
+     field), and the clean one, the paired figure the bound is read on: the same mosaic predicted
+     on a grid of the same tiles shifted by half a tile step, every pixel near a seam of one grid
+     (and not of the other) scored with and without its seam (``measure_semantic_shifted``).
    * consistency (the semantic run; the instance run's probabilities when only that is given): a
      2x2 mosaic (512²) predicted tiled (run's tile and overlap, Gaussian blending) vs as one
      whole 512² tile (a copy of the plan with ``tile_shape=[512, 512]``; the U-Net is fully
@@ -189,6 +194,56 @@ def semantic_summary(c: dict) -> dict:
     js = c["inter_seam"] / c["union_seam"] if c["union_seam"] else float("nan")
     jo = c["inter_other"] / c["union_other"] if c["union_other"] else float("nan")
     return {**c, "jaccard_seam": js, "jaccard_other": jo, "gap": jo - js}
+
+
+def paired_semantic_counts(gt: np.ndarray, pred_a: np.ndarray, pred_b: np.ndarray, lines_a, lines_b, borders,
+                           width: int = BAND) -> dict:
+    """The seam cost on the SAME pixels: ``pred_a`` and ``pred_b`` are one image predicted on two
+    tile grids whose seam lines (``lines_a``, ``lines_b``) lie apart. Pixels within ``width`` of an
+    A seam and not of a B seam are scored with seam (``pred_a``) and without (``pred_b``); likewise
+    the B seam band, the other way round (mosaic-border bands out). Pooled counts:
+    ``{inter,union}_{seam,noseam}`` and the pixel count."""
+    g = gt > 0
+    a, b = pred_a > 0, pred_b > 0
+    out_border = ~band_mask(gt.shape, borders, width)
+    band_a, band_b = band_mask(gt.shape, lines_a, width), band_mask(gt.shape, lines_b, width)
+    only_a, only_b = band_a & ~band_b & out_border, band_b & ~band_a & out_border
+    c = {"inter_seam": 0, "union_seam": 0, "inter_noseam": 0, "union_noseam": 0, "pixels_paired": 0}
+    for m, with_seam, without in ((only_a, a, b), (only_b, b, a)):
+        c["inter_seam"] += int(np.sum(g & with_seam & m))
+        c["union_seam"] += int(np.sum((g | with_seam) & m))
+        c["inter_noseam"] += int(np.sum(g & without & m))
+        c["union_noseam"] += int(np.sum((g | without) & m))
+        c["pixels_paired"] += int(np.sum(m))
+    return c
+
+
+def paired_summary(c: dict) -> dict:
+    js = c["inter_seam"] / c["union_seam"] if c["union_seam"] else float("nan")
+    jn = c["inter_noseam"] / c["union_noseam"] if c["union_noseam"] else float("nan")
+    return {**c, "jaccard_seam": js, "jaccard_noseam": jn, "gap": jn - js, "gap_ok": bool(jn - js <= GAP_BOUND)}
+
+
+def shifted_lines(shape, tile, overlap, shift) -> list[list[int]]:
+    """Seam lines, in the original image's coordinates, of the tile grid of the image padded by
+    ``shift`` px before each spatial axis (lines that fall in the padding dropped)."""
+    from instantdl_ray.tile import tile_grid
+
+    padded = [n + s for n, s in zip(shape, shift)]
+    lines = seam_lines(tile_grid(padded, tile, overlap), padded)
+    return [[b - s for b in bs if b - s > 0] for bs, s in zip(lines, shift)]
+
+
+def pick_shift(shape, tile, overlap, lines, width: int = BAND) -> list[int]:
+    """The smallest shift (same on every axis, from half the tile step upwards) whose grid's seam
+    lines lie at least ``2 * width`` px from every line of ``lines`` on the same axis, so the two
+    seam bands do not touch."""
+    step = min(t - o for t, o in zip(tile, overlap))
+    for s in [step // 2] + list(range(width, step, 8)):
+        other = shifted_lines(shape, tile, overlap, [s] * len(shape))
+        if all(abs(p - q) >= 2 * width for ls, os_ in zip(lines, other) for p in ls for q in os_):
+            return [s] * len(shape)
+    raise SystemExit(f"no shift of the {list(tile)} grid keeps its seams {2 * width} px from {lines}")
 
 
 def add_counts(total: dict, c: dict) -> dict:
@@ -375,6 +430,42 @@ def measure_semantic_reference(run: Run, mosaics: list[dict], seams: list) -> di
     return semantic_summary(total)
 
 
+def measure_semantic_shifted(run: Run, mosaics: list[dict], seams: list, tmp: Path) -> dict:
+    """The clean no-seam reference: each mosaic predicted again with the SAME tile size and overlap
+    on a grid shifted so that its seams fall between the first grid's (the mosaic reflect-padded
+    before each axis by the shift, normalised with the mosaic's own percentiles, the prediction
+    cropped back). Every pixel near a seam of one grid is scored with that seam and, on the other
+    grid, without one (``paired_semantic_counts``): same pixels, same tile context size, the
+    seam the only difference."""
+    from instantdl_ray import read
+    from instantdl_ray.tile import grid_overlap
+
+    tile, overlap = tuple(run.plan.tile_shape), grid_overlap(run.plan, run.tile_overlap)
+    total: dict = {}
+    shifts = []
+    for m, lines in zip(mosaics, seams):
+        gt = read.read_raw(m["groundtruth"])
+        shift = pick_shift(gt.shape, tile, overlap, lines)
+        shifts.append(shift)
+        image = read.read_raw(m["image"])
+        yx = read.image_axes(image.shape, run.plan.axes)
+        pad = [(0, 0)] * image.ndim
+        pad[yx.index("Y")], pad[yx.index("X")] = (shift[0], 0), (shift[1], 0)
+        padded = Path(read.write_tiff(tmp / f"shifted_{m['image'].name}", np.pad(image, pad, mode="reflect")))
+        run.add_image(m["image"])
+        run.plan.image_norm[str(padded)] = run.plan.image_norm[str(m["image"])]
+        _, fin_a, _ = run.predict(m["image"])
+        _, fin_b, tiles_b = run.predict(padded)
+        lines_b = [[b - s for b in bs if b - s > 0]
+                   for bs, s in zip(seam_lines(tiles_b, [n + s for n, s in zip(gt.shape, shift)]), shift)]
+        assert lines_b == shifted_lines(gt.shape, tile, overlap, shift)
+        fg = (lambda p: p) if run.plan.num_classes == 1 else (lambda p: p > 0)
+        pa = fg(fin_a["prediction"])
+        pb = fg(fin_b["prediction"])[shift[0]:, shift[1]:]
+        add_counts(total, paired_semantic_counts(gt, pa, pb, lines, lines_b, mosaic_lines(gt.shape, m["cell"])))
+    return {**paired_summary(total), "shifts": shifts}
+
+
 def mosaic_shape(mosaic: dict) -> list[int]:
     from instantdl_ray import read
 
@@ -461,6 +552,12 @@ def print_semantic(r: dict, header: str) -> None:
         print(f"  no-seam reference (each mosaic as one whole tile, same bands): seam band {_f(ref['jaccard_seam'])}, "
               f"elsewhere {_f(ref['jaccard_other'])}, gap {_f(ref['gap'])}")
         print(f"  cost of the seams (reference - tiled, in the seam band): {_f(r['seam_cost'])}")
+    if "shifted_grid_reference" in r:
+        sh = r["shifted_grid_reference"]
+        print(f"  paired, same pixels (grid shifted by {sh['shifts'][0]} px, same tile and overlap): "
+              f"{sh['pixels_paired']} px near a seam of one grid and not of the other: Jaccard with the seam "
+              f"{_f(sh['jaccard_seam'])}, without {_f(sh['jaccard_noseam'])}, gap {_f(sh['gap'])}   "
+              f"bound <= {GAP_BOUND}: {'ok' if sh['gap_ok'] else 'NOT MET'}")
 
 
 def print_consistency(r: dict, header: str) -> None:
@@ -510,6 +607,8 @@ def seam_part(kind: str, run: Run, args, tmp: Path) -> dict:
         ref = measure_semantic_reference(run, mosaics, [m["seams"] for m in r["per_mosaic"]])
         r["whole_tile_reference"] = {k: ref[k] for k in ("jaccard_seam", "jaccard_other", "gap")}
         r["seam_cost"] = ref["jaccard_seam"] - r["jaccard_seam"]  # what tiling costs in the seam band
+        r["shifted_grid_reference"] = measure_semantic_shifted(run, mosaics, [m["seams"] for m in r["per_mosaic"]],
+                                                               tmp)
     header = (f"{kind} run {run.dir}: {len(mosaics)} mosaic(s) of {args.grid}x{args.grid} test images "
               f"({side[0]}x{side[1]}), {run.grid_text()}; {r['wall_s']} s")
     (print_instance if kind == "instance" else print_semantic)(r, header)

@@ -155,3 +155,42 @@ def test_semantic_counts_bands():
     c = seams.semantic_counts(gt, pred, [[], [32]], [[32], []], width=8)
     assert c["pixels_seam"] == 48 * 16 and c["pixels_other"] == 48 * 48
     assert c["inter_seam"] == 48 * 16 and c["union_other"] == 48 * 48
+
+
+def test_shifted_grid_puts_its_seams_between_the_first_grids():
+    import seams
+
+    from instantdl_ray.tile import tile_grid
+
+    lines = seams.seam_lines(tile_grid((768, 768), 256, 64), (768, 768))
+    shift = seams.pick_shift((768, 768), (256, 256), (64, 64), lines)
+    assert shift == [96, 96]  # half the 192 px step
+    # the padded 864 px axis: starts 0, 192, 384, 576, 608 -> core borders 224, 416, 608, 720 -> minus 96
+    other = seams.shifted_lines((768, 768), (256, 256), (64, 64), shift)
+    assert other == [[128, 320, 512, 624]] * 2
+    assert min(abs(p - q) for p in lines[0] for q in other[0]) >= 2 * seams.BAND
+
+
+def test_paired_counts_score_each_seam_band_with_and_without_its_seam():
+    import seams
+
+    gt = np.zeros((40, 100), np.uint8)
+    gt[:, 10:90] = 1
+    # grid A has a seam at x=30, grid B one at x=70; A's prediction is wrong in its own seam band only
+    pred_a = gt.copy()
+    pred_a[:, 26:34] = 0
+    pred_b = gt.copy()
+    c = seams.paired_summary(seams.paired_semantic_counts(gt, pred_a, pred_b, [[], [30]], [[], [70]], [[], []],
+                                                          width=4))
+    assert c["pixels_paired"] == 2 * 40 * 8
+    # with the seam: A's band (all 0 of 320 gt pixels found) + B's band (320 of 320): 320 / 640
+    assert c["jaccard_seam"] == pytest.approx(0.5)
+    assert c["jaccard_noseam"] == pytest.approx(1.0)  # B in A's band, A in B's band: all right
+    assert c["gap"] == pytest.approx(0.5) and not c["gap_ok"]
+    # the same predictions on both grids: no seam cost at all
+    c = seams.paired_summary(seams.paired_semantic_counts(gt, pred_b, pred_b, [[], [30]], [[], [70]], [[], []],
+                                                          width=4))
+    assert c["gap"] == 0 and c["gap_ok"]
+    # overlapping bands and mosaic-border bands are left out of the pairing
+    c = seams.paired_semantic_counts(gt, pred_b, pred_b, [[], [30]], [[], [34]], [[], [70]], width=4)
+    assert c["pixels_paired"] == 2 * 40 * 4
