@@ -60,9 +60,9 @@ def make_run(run_dir: Path, tile: int = TILE, features=FEATURES) -> Path:
     """A predict-ready run directory for an untrained tiny U-Net (semantic, binary)."""
     import torch
 
-    from instantdl_ray import config as config_mod
+    from instantdl_ray.config import schema as config_mod
     from instantdl_ray.models import build_model
-    from instantdl_ray.plan import Plan
+    from instantdl_ray.config.plan import Plan
 
     (run_dir / "checkpoints" / "best").mkdir(parents=True, exist_ok=True)
     data = run_dir / "data"
@@ -97,7 +97,7 @@ def start_ray_retrying(start_ray, tries: int = 3) -> None:
 
 def child(args) -> None:
     """Runs in the measured process: a fresh local Ray, then ``pipeline.predict_new``."""
-    import instantdl_ray.stitch as stitch
+    import instantdl_ray.predict.stitch as stitch
     from _common import start_ray
     from instantdl_ray import pipeline
 

@@ -48,9 +48,10 @@ THREADS = 2
 
 
 def _inputs(run_dir: Path, image: Path, overrides: list[str]):
-    from instantdl_ray import _ray, read
-    from instantdl_ray import config as config_mod
-    from instantdl_ray.plan import Plan, image_percentiles
+    from instantdl_ray import _ray
+    from instantdl_ray.io import read
+    from instantdl_ray.config import schema as config_mod
+    from instantdl_ray.config.plan import Plan, image_percentiles
 
     cfg = config_mod.load(run_dir / "config.yaml", overrides)
     plan = Plan.from_json(run_dir / "plan.json")
@@ -63,7 +64,7 @@ def _inputs(run_dir: Path, image: Path, overrides: list[str]):
 
 def ours(run_dir: Path, image: Path, out: Path, actors: int, passes: int = 1) -> float:
     """Wall seconds of ``predict.predict`` on ``image``."""
-    from instantdl_ray.predict import predict
+    from instantdl_ray.predict.pool import predict
 
     unc = ["calculate_uncertainty=true", f"mc_passes={passes}"] if passes > 1 else ["calculate_uncertainty=false"]
     cfg, plan, samples, shapes, resources = _inputs(run_dir, image, unc + [f"ray.predict_actors={actors}"])
@@ -80,9 +81,9 @@ def monai(run_dir: Path, image: Path, out: Path) -> float:
     from monai.inferers import sliding_window_inference
     from skimage.filters import threshold_otsu
 
-    from instantdl_ray import read
-    from instantdl_ray.plan import Plan, normalize_image
-    from instantdl_ray.predict import load_state_dict
+    from instantdl_ray.io import read, write
+    from instantdl_ray.config.plan import Plan, normalize_image
+    from instantdl_ray.predict.pool import load_state_dict
     from instantdl_ray.tasks import get_task
     from instantdl_ray.tasks.semantic import OTSU_CLIP
 
@@ -100,7 +101,7 @@ def monai(run_dir: Path, image: Path, out: Path) -> float:
                                         predictor=lambda t: torch.sigmoid(model(t)), overlap=0.25,
                                         mode="gaussian", sigma_scale=0.125)[0, 0].numpy()
     t = float(np.clip(threshold_otsu(prob), *OTSU_CLIP)) if prob.max() > prob.min() else 0.5
-    read.write_tiff(out / f"{image.stem}.tif", (prob > t).astype(np.uint8))
+    write.write_tiff(out / f"{image.stem}.tif", (prob > t).astype(np.uint8))
     return time.perf_counter() - t0
 
 

@@ -227,7 +227,7 @@ def paired_summary(c: dict) -> dict:
 def shifted_lines(shape, tile, overlap, shift) -> list[list[int]]:
     """Seam lines, in the original image's coordinates, of the tile grid of the image padded by
     ``shift`` px before each spatial axis (lines that fall in the padding dropped)."""
-    from instantdl_ray.tile import tile_grid
+    from instantdl_ray.data.tile import tile_grid
 
     padded = [n + s for n, s in zip(shape, shift)]
     lines = seam_lines(tile_grid(padded, tile, overlap), padded)
@@ -260,7 +260,7 @@ def build_mosaics(samples, grid: int, n: int, folder: Path, kind: str, axes: str
     ``folder``: ``{"image", "groundtruth", "cell", "names"}`` each. The images keep their stored
     layout (axes ``axes``); groundtruth: semantic ``> 0`` as uint8, instance labels offset per
     pasted image (uint32)."""
-    from instantdl_ray import read
+    from instantdl_ray.io import read, write
 
     folder.mkdir(parents=True, exist_ok=True)
     out = []
@@ -289,8 +289,8 @@ def build_mosaics(samples, grid: int, n: int, folder: Path, kind: str, axes: str
         rows = [np.concatenate(imgs[r * grid:(r + 1) * grid], axis=xd) for r in range(grid)]
         image = np.concatenate(rows, axis=yd)
         gt = np.concatenate([np.concatenate(gts[r * grid:(r + 1) * grid], axis=1) for r in range(grid)], axis=0)
-        ip = read.write_tiff(folder / f"{kind}_mosaic{m}.tif", image)
-        gp = read.write_tiff(folder / f"{kind}_mosaic{m}_gt.tif", gt)
+        ip = write.write_tiff(folder / f"{kind}_mosaic{m}.tif", image)
+        gp = write.write_tiff(folder / f"{kind}_mosaic{m}_gt.tif", gt)
         out.append({"image": Path(ip), "groundtruth": Path(gp), "cell": (imgs[0].shape[yd], imgs[0].shape[xd]),
                     "names": [s.stem for s in group]})
     return out
@@ -305,9 +305,9 @@ class Run:
     def __init__(self, run_dir: Path):
         import torch
 
-        from instantdl_ray import config as config_mod
-        from instantdl_ray.plan import Plan
-        from instantdl_ray.predict import Predictor, load_state_dict
+        from instantdl_ray.config import schema as config_mod
+        from instantdl_ray.config.plan import Plan
+        from instantdl_ray.predict.pool import Predictor, load_state_dict
         from instantdl_ray.tasks import get_task
 
         self.dir = Path(run_dir)
@@ -333,7 +333,7 @@ class Run:
                                    passes=1, torch_threads=os.cpu_count() or 1, use_gpu=use_gpu)
 
     def add_image(self, path: Path, plan=None) -> None:
-        from instantdl_ray.plan import image_percentiles
+        from instantdl_ray.config.plan import image_percentiles
 
         plan = plan or self.plan
         plan.image_norm[str(path)] = image_percentiles(path, plan.axes, plan.extra.get("augment"))
@@ -341,10 +341,10 @@ class Run:
     def predict(self, path: Path, plan=None) -> tuple[dict, dict, list]:
         """One image -> (stitched outputs, finalised outputs, tile grid), the in-memory path of
         ``predict.predict`` + ``predict.write_image``."""
-        from instantdl_ray import read
-        from instantdl_ray.dataset import ReadTiles, grid_rows, spatial_shape
-        from instantdl_ray.stitch import ImageAccumulator
-        from instantdl_ray.tile import grid_overlap, tile_grid
+        from instantdl_ray.io import read
+        from instantdl_ray.data.dataset import ReadTiles, grid_rows, spatial_shape
+        from instantdl_ray.predict.stitch import ImageAccumulator
+        from instantdl_ray.data.tile import grid_overlap, tile_grid
 
         plan = plan or self.plan
         shape = tuple(int(s) for s in read.open_array(path).shape)
@@ -372,7 +372,7 @@ class Run:
         return stitched, self.task.finalize(stitched, plan), tiles
 
     def grid_text(self) -> str:
-        from instantdl_ray.tile import grid_overlap
+        from instantdl_ray.data.tile import grid_overlap
 
         return f"tile {list(self.plan.tile_shape)}, overlap {list(grid_overlap(self.plan, self.tile_overlap))} px"
 
@@ -383,7 +383,7 @@ class Run:
 def _measure(run: Run, mosaics: list[dict], counts, summary, prediction=lambda fin: fin["prediction"],
              extra=lambda fin: {}) -> dict:
     """Predict every mosaic, count per seam/other group with ``counts``, sum, summarise."""
-    from instantdl_ray import read
+    from instantdl_ray.io import read
 
     total: dict = {}
     per = []
@@ -415,8 +415,8 @@ def measure_semantic_reference(run: Run, mosaics: list[dict], seams: list) -> di
     found them) scored on each mosaic predicted as ONE whole tile (no seams at all): where the seam
     band lies (a fixed distance from the pasted images' borders, where nuclei are cut) may be harder
     by itself. The seams' own cost is the tiled band's Jaccard below this one."""
-    from instantdl_ray import read
-    from instantdl_ray.plan import Plan, round_up
+    from instantdl_ray.io import read
+    from instantdl_ray.config.plan import Plan, round_up
 
     total: dict = {}
     for m, lines in zip(mosaics, seams):
@@ -437,8 +437,8 @@ def measure_semantic_shifted(run: Run, mosaics: list[dict], seams: list, tmp: Pa
     cropped back). Every pixel near a seam of one grid is scored with that seam and, on the other
     grid, without one (``paired_semantic_counts``): same pixels, same tile context size, the
     seam the only difference."""
-    from instantdl_ray import read
-    from instantdl_ray.tile import grid_overlap
+    from instantdl_ray.io import read, write
+    from instantdl_ray.data.tile import grid_overlap
 
     tile, overlap = tuple(run.plan.tile_shape), grid_overlap(run.plan, run.tile_overlap)
     total: dict = {}
@@ -451,7 +451,7 @@ def measure_semantic_shifted(run: Run, mosaics: list[dict], seams: list, tmp: Pa
         yx = read.image_axes(image.shape, run.plan.axes)
         pad = [(0, 0)] * image.ndim
         pad[yx.index("Y")], pad[yx.index("X")] = (shift[0], 0), (shift[1], 0)
-        padded = Path(read.write_tiff(tmp / f"shifted_{m['image'].name}", np.pad(image, pad, mode="reflect")))
+        padded = Path(write.write_tiff(tmp / f"shifted_{m['image'].name}", np.pad(image, pad, mode="reflect")))
         run.add_image(m["image"])
         run.plan.image_norm[str(padded)] = run.plan.image_norm[str(m["image"])]
         _, fin_a, _ = run.predict(m["image"])
@@ -467,7 +467,7 @@ def measure_semantic_shifted(run: Run, mosaics: list[dict], seams: list, tmp: Pa
 
 
 def mosaic_shape(mosaic: dict) -> list[int]:
-    from instantdl_ray import read
+    from instantdl_ray.io import read
 
     return [int(n) for n in read.read_raw(mosaic["groundtruth"]).shape]
 
@@ -480,7 +480,7 @@ def foreground(run: Run, stitched: dict, fin: dict) -> np.ndarray:
 
 def measure_consistency(run: Run, mosaic: dict) -> dict:
     """The same 512² mosaic predicted tiled and as one whole tile."""
-    from instantdl_ray.plan import Plan, round_up
+    from instantdl_ray.config.plan import Plan, round_up
 
     run.add_image(mosaic["image"])
     st_t, fin_t, tiles = run.predict(mosaic["image"])
@@ -575,7 +575,7 @@ def print_consistency(r: dict, header: str) -> None:
 
 
 def test_samples(data: Path, kind: str) -> list:
-    from instantdl_ray import read
+    from instantdl_ray.io import read
 
     samples, problems = read.discover(data / kind, "test", kind)
     samples = [s for s in samples if s.groundtruth is not None and not isinstance(s.groundtruth, (int, list))]
@@ -586,7 +586,7 @@ def test_samples(data: Path, kind: str) -> list:
 
 def seam_part(kind: str, run: Run, args, tmp: Path) -> dict:
     """Mosaics of the test set, predicted and scored near seams vs elsewhere; prints the table."""
-    from instantdl_ray.tile import grid_overlap
+    from instantdl_ray.data.tile import grid_overlap
 
     t0 = time.time()
     samples = test_samples(args.data, kind)

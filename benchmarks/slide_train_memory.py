@@ -41,7 +41,7 @@ GOAL_BYTES = 3 * 10**9
 
 def probe_plan(image: Path) -> dict:
     """Time the plan's statistics of one slide (``plan.image_percentiles``)."""
-    from instantdl_ray.plan import image_percentiles
+    from instantdl_ray.config.plan import image_percentiles
 
     t = time.time()
     lohi = image_percentiles(image, "YX")

@@ -38,10 +38,10 @@ BATCH = 8
 
 
 def _setup(root: Path, n_tiles: int):
-    from instantdl_ray import config as cfgmod
-    from instantdl_ray.dataset import training_rows
-    from instantdl_ray.plan import make_plan
-    from instantdl_ray.validate import validate
+    from instantdl_ray.config import schema as cfgmod
+    from instantdl_ray.data.dataset import training_rows
+    from instantdl_ray.config.plan import make_plan
+    from instantdl_ray.config.validate import validate
 
     cfg = cfgmod.from_dict({"use_algorithm": "SemanticSegmentation", "path": str(root), "tiles_per_image": n_tiles,
                             "iterations_over_dataset": 1, "validation_split": 0.0})
@@ -61,7 +61,7 @@ def worker(args) -> dict:
     if args.mode == "plain":
         import numpy as np
 
-        from instantdl_ray.dataset import ReadTiles
+        from instantdl_ray.data.dataset import ReadTiles
 
         reader = ReadTiles(plan)
         cpu = _common.CpuSampler().__enter__()
@@ -81,7 +81,7 @@ def worker(args) -> dict:
         t = time.time()
         _common.start_ray(num_cpus=args.num_cpus)
         out["ray_start_s"] = round(time.time() - t, 1)
-        from instantdl_ray.dataset import ray_dataset
+        from instantdl_ray.data.dataset import ray_dataset
 
         t0 = time.time()
         cpu = _common.CpuSampler().__enter__()

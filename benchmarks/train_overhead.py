@@ -12,7 +12,7 @@ Same model, data rows, batch size, epochs, seed and torch thread count, trained 
     normalisation) and ``augment.augment_batch`` (same augmentations, same per-row seeds), and a
     training step of the package (``train.train_epoch``: ``task.loss``, Adam, ``float(loss)``
     per step) — no validation, no checkpoints;
-(b) ``pipeline``: the package's training path itself, ``instantdl_ray.train.fit`` (spec rows ->
+(b) ``pipeline``: the package's training path itself, ``instantdl_ray.train.loop.fit`` (spec rows ->
     Ray Data ``ReadTiles`` -> ``augment_batch`` -> Ray Train ``TorchTrainer`` with one worker,
     resources from ``_ray.plan_resources``, a checkpoint every epoch as in a real run). The worker
     loop is wrapped only to time-stamp each ``ray.train.report`` (= end of an epoch, checkpoint
@@ -81,12 +81,12 @@ class Setup:
     """Config, inventory (train split cut to ``images``), plan and spec rows for one model."""
 
     def __init__(self, model: str, quick: bool, images: int | None, epochs: int, dataset_epochs: int, tmp: Path):
-        from instantdl_ray import config as cfgmod
-        from instantdl_ray.augment import AugmentParams
-        from instantdl_ray.dataset import training_rows
-        from instantdl_ray.plan import make_plan
+        from instantdl_ray.config import schema as cfgmod
+        from instantdl_ray.data.augment import AugmentParams
+        from instantdl_ray.data.dataset import training_rows
+        from instantdl_ray.config.plan import make_plan
         from instantdl_ray.tasks import get_task
-        from instantdl_ray.validate import validate
+        from instantdl_ray.config.validate import validate
 
         self.model = model
         if model == "unet":
@@ -139,7 +139,7 @@ class RowsDataset:
     """``torch`` map-style dataset over the pipeline's spec rows, using the package's functions."""
 
     def __init__(self, setup: Setup):
-        from instantdl_ray.dataset import ReadTiles
+        from instantdl_ray.data.dataset import ReadTiles
 
         self.rows = setup.rows
         self.reader = ReadTiles(setup.plan)
@@ -152,7 +152,7 @@ class RowsDataset:
     def __getitem__(self, i):
         import torch
 
-        from instantdl_ray.augment import augment_batch
+        from instantdl_ray.data.augment import augment_batch
 
         r = self.rows[i]
         batch = {"image": np.array([r["image"]]), "target": np.array([r["target"]]),
@@ -171,7 +171,7 @@ class RowsDataset:
 def run_plain(setup: Setup, threads: int, loader_workers: int) -> dict:
     import torch
 
-    from instantdl_ray.train import train_epoch
+    from instantdl_ray.train.loop import train_epoch
 
     torch.set_num_threads(threads)
     t0 = time.time()
@@ -209,7 +209,7 @@ def timed_loop(stamp_path: str, stop_after: int):
 
         import ray.train
 
-        from instantdl_ray.train import train_loop_per_worker
+        from instantdl_ray.train.loop import train_loop_per_worker
 
         orig = ray.train.report
         done = []
@@ -241,11 +241,11 @@ def timed_loop(stamp_path: str, stop_after: int):
 
 
 def run_pipeline(setup: Setup, resources, variant: str, tmp: Path) -> dict:
-    from instantdl_ray import train as train_mod
+    from instantdl_ray.train import loop as train_mod
 
     run_dir = Path(tempfile.mkdtemp(prefix="pipe-", dir=tmp))
     stamp = run_dir / "stamps.jsonl"
-    from instantdl_ray import dataset as dataset_mod
+    from instantdl_ray.data import dataset as dataset_mod
 
     saved = dataset_mod.StepRateLimit, train_mod._data_config
     if variant == "unfixed":  # the package before the fix: no step-rate cap, Ray Data's default read-ahead

@@ -16,7 +16,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 
-from .errors import ConfigError
+from instantdl_ray.errors import ConfigError
 
 
 @dataclass

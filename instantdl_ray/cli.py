@@ -59,7 +59,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from .errors import InstantDLError
+    from instantdl_ray.errors import InstantDLError
 
     try:
         return {"run": _run, "validate": _validate, "evaluate": _evaluate, "predict": _predict, "convert": _convert, "tune": _tune}[args.command](args)
@@ -77,14 +77,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _load(config: str, overrides: list[str]):
-    from . import config as cfgmod
+    from instantdl_ray.config import schema as cfgmod
 
     return cfgmod.load(config, overrides)
 
 
 def _run(args) -> int:
-    from .errors import ConfigError
-    from .pipeline import run
+    from instantdl_ray.errors import ConfigError
+    from instantdl_ray.pipeline import run
 
     if args.resume:
         run_dir = Path(args.resume)
@@ -100,7 +100,7 @@ def _run(args) -> int:
 
 
 def _validate(args) -> int:
-    from .validate import validate
+    from instantdl_ray.config.validate import validate
 
     cfg = _load(args.config, args.overrides)
     inv = validate(cfg)
@@ -114,12 +114,12 @@ def _validate(args) -> int:
 def _evaluate(args) -> int:
     import json
 
-    from . import config as cfgmod
-    from .pipeline import RunLog, evaluate_run
-    from .plan import Plan
+    from instantdl_ray.config import schema as cfgmod
+    from instantdl_ray.pipeline import RunLog, evaluate_run
+    from instantdl_ray.config.plan import Plan
 
-    from .errors import ConfigError
-    from .pipeline import resume_command
+    from instantdl_ray.errors import ConfigError
+    from instantdl_ray.pipeline import resume_command
 
     run_dir = Path(args.run_dir)
     index = run_dir / "predictions" / "index.json"
@@ -135,14 +135,14 @@ def _evaluate(args) -> int:
 
 
 def _predict(args) -> int:
-    from .pipeline import predict_new
+    from instantdl_ray.pipeline import predict_new
 
     predict_new(args.run_dir, args.input, out=args.out, overrides=args.overrides, address=args.address)
     return 0
 
 
 def _convert(args) -> int:
-    from . import convert
+    from instantdl_ray.io import convert
 
     if args.instances_from_binary:
         counts = convert.instances_from_binary(Path(args.src), Path(args.dst), watershed=args.watershed,
@@ -156,7 +156,7 @@ def _convert(args) -> int:
 
 
 def _tune(args) -> int:
-    from .tune import tune
+    from instantdl_ray.train.tune import tune
 
     out = tune(args.config, args.overrides, num_samples=args.samples, out=args.out, max_epochs=args.max_epochs,
                address=args.address)

@@ -18,12 +18,13 @@ from typing import Callable
 
 import numpy as np
 
-from . import config as config_mod
-from .config import Config
-from .errors import ConfigError, InstantDLError, RunFailed
-from .plan import Plan, make_plan
-from .read import atomic_path
-from .validate import Inventory, validate
+from instantdl_ray.config import schema as config_mod
+from instantdl_ray.config.schema import Config
+from instantdl_ray.errors import ConfigError, InstantDLError, RunFailed
+from instantdl_ray.config.plan import Plan, make_plan
+from instantdl_ray.io import write
+from instantdl_ray.io.write import atomic_path
+from instantdl_ray.config.validate import Inventory, validate
 
 RUN_STATE = "run.json"
 
@@ -131,7 +132,7 @@ def run(cfg: Config, out: str | Path | None = None, address: str | None = None, 
     """
     t = time.time()
     inv = validate(cfg)  # every data problem reported before anything is written or started
-    from . import _ray
+    from instantdl_ray import _ray
 
     if problems := _ray.local_gpu_problems(cfg.ray, address):
         raise ConfigError(problems)
@@ -212,7 +213,7 @@ def _stages(cfg: Config, inv: Inventory, run_dir: Path, log: RunLog, address, re
     log(f"plan: model {plan.model}, {plan.in_channels} input channel(s), tile {plan.tile_shape}, "
         f"loss {plan.loss}, {len(plan.train_names)} train / {len(plan.val_names)} validation images")
 
-    from . import diskspace
+    from instantdl_ray.config import diskspace
 
     test = inv.samples.get("test", [])
     # checkpoints and predictions fit, or the run stops now with the numbers, not hours later
@@ -225,7 +226,7 @@ def _stages(cfg: Config, inv: Inventory, run_dir: Path, log: RunLog, address, re
 
     t = time.time()
     progress["stage"] = "ray_start"
-    from . import _ray
+    from instantdl_ray import _ray
 
     dashboard = cfg.ray.dashboard if cfg.ray.dashboard is not None else cfg.iterations_over_dataset > 0
     _ray.init(address or cfg.ray.address, num_cpus=num_cpus, dashboard=dashboard)
@@ -244,7 +245,7 @@ def _stages(cfg: Config, inv: Inventory, run_dir: Path, log: RunLog, address, re
 
     t = time.time()
     progress["stage"] = "predict"
-    from .predict import finish_records, predict
+    from instantdl_ray.predict.pool import finish_records, predict
 
     # a resumed run keeps the images an interrupted prediction finished; --force predicts all again
     records = predict(cfg, plan, test, inv.image_shapes, model_path, run_dir, resources, log=log,
@@ -290,16 +291,16 @@ def _plan(cfg: Config, inv: Inventory, run_dir: Path, resume) -> Plan:
 def check_pretrained(cfg: Config, plan: Plan) -> None:
     """``pretrained_weights`` loaded into the model the plan builds, on the driver, before Ray
     starts: a file of another model (no tensor fits) raises ``WeightsError`` now."""
-    from .tasks import get_task
-    from .weights import load_pretrained
+    from instantdl_ray.tasks import get_task
+    from instantdl_ray.models.weights import load_pretrained
 
     load_pretrained(get_task(plan.task).build_model(plan), cfg.pretrained_weights, model_name=plan.model,
                     log=lambda msg: None, trust=cfg.trust_pretrained_weights)
 
 
 def _train(cfg, plan, inv, run_dir: Path, resources, resume: bool, log: Callable) -> Path:
-    from .augment import AugmentParams
-    from .train import fit
+    from instantdl_ray.data.augment import AugmentParams
+    from instantdl_ray.train.loop import fit
 
     params = AugmentParams.from_dict(cfg.data_gen_args.model_dump())
     if params.save_augmented_images and not resume:
@@ -311,10 +312,8 @@ def _train(cfg, plan, inv, run_dir: Path, resources, resume: bool, log: Callable
 def _predict_only_model(cfg, plan, run_dir: Path, log: Callable) -> Path:
     """InstantDL's ``iterations_over_dataset: 0`` with pretrained weights: the weights become the
     run's best model."""
-    import torch
-
-    from .tasks import get_task
-    from .weights import load_pretrained
+    from instantdl_ray.tasks import get_task
+    from instantdl_ray.models.weights import load_pretrained
 
     model = get_task(plan.task).build_model(plan)
     info = load_pretrained(model, cfg.pretrained_weights, model_name=plan.model, log=log,
@@ -322,7 +321,7 @@ def _predict_only_model(cfg, plan, run_dir: Path, log: Callable) -> Path:
     log(f"predict only: {len(info['loaded'])} tensors loaded from {cfg.pretrained_weights}")
     best = run_dir / "checkpoints" / "best" / "model.pt"
     best.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(model.state_dict(), best)
+    write.write_torch(model.state_dict(), best)
     return best
 
 
@@ -330,9 +329,9 @@ def save_augmented(cfg: Config, plan: Plan, inv: Inventory, params, out_dir: Pat
     """InstantDL's ``save_augmented_images``: PNGs of the first ``n`` training tiles of epoch 1,
     read and augmented exactly as the training stream does (``ReadTiles`` + ``augment_batch``, same
     seeds), image | target side by side."""
-    from .augment import augment_batch, save_examples
-    from .dataset import ReadTiles, training_rows
-    from .tasks import get_task
+    from instantdl_ray.data.augment import augment_batch, save_examples
+    from instantdl_ray.data.dataset import ReadTiles, training_rows
+    from instantdl_ray.tasks import get_task
 
     by_name = {str(s.image): s for s in inv.samples["train"]}
     rows = training_rows([by_name[x] for x in plan.train_names], inv.image_shapes, plan, cfg.seed, range(1),
@@ -353,7 +352,7 @@ def decide(cfg: Config, plan: Plan, run_dir: Path, log: Callable) -> dict:
     """The task's post-processing decision (``Task.decision``: e.g. the binary threshold that was
     best on the validation split at the kept epoch), put in ``plan.extra["decision"]`` and written
     to ``thresholds.json`` and ``plan.json``, so ``predict`` of this run uses the same rule."""
-    from .tasks import get_task
+    from instantdl_ray.tasks import get_task
 
     hist_path = run_dir / "logs" / "history.json"
     history = json.loads(hist_path.read_text()) if hist_path.exists() and cfg.iterations_over_dataset > 0 else []
@@ -361,8 +360,7 @@ def decide(cfg: Config, plan: Plan, run_dir: Path, log: Callable) -> dict:
     if not decision:
         return {}
     plan.extra["decision"] = decision
-    with atomic_path(run_dir / THRESHOLDS) as tmp:
-        tmp.write_text(json.dumps(decision, indent=1))
+    write.write_json(run_dir / THRESHOLDS, decision, indent=1)
     plan.to_json(run_dir / "plan.json")
     log("decision: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in decision.items()))
     return decision
@@ -370,7 +368,7 @@ def decide(cfg: Config, plan: Plan, run_dir: Path, log: Callable) -> dict:
 
 def evaluate_run(run_dir: Path, cfg: Config, plan: Plan, records: list[dict], log: Callable) -> dict:
     """Evaluate predictions against test groundtruth, when the test split has it."""
-    from .evaluate import evaluate
+    from instantdl_ray.evaluation.evaluate import evaluate
 
     items = [r for r in records if r.get("groundtruth") is not None]
     if not items:
@@ -395,15 +393,16 @@ def evaluate_run(run_dir: Path, cfg: Config, plan: Plan, records: list[dict], lo
 def predict_new(run_dir: str | Path, inputs: str | Path, out: str | Path | None = None,
                 overrides: list[str] | None = None, address: str | None = None) -> Path:
     """Predict new images (a folder, one image, or a zarr) with a trained run; returns the output folder."""
-    from . import _ray, read
-    from .errors import DataError
-    from .plan import image_percentiles
-    from .predict import finish_records, predict
+    from instantdl_ray import _ray
+    from instantdl_ray.io import read
+    from instantdl_ray.errors import DataError
+    from instantdl_ray.config.plan import image_percentiles
+    from instantdl_ray.predict.pool import finish_records, predict
 
     run_dir = Path(run_dir).resolve()
     cfg = config_mod.load(run_dir / "config.yaml", overrides or [])
     plan = Plan.from_json(run_dir / "plan.json")
-    from .tasks import get_task
+    from instantdl_ray.tasks import get_task
 
     decision = get_task(plan.task).decision(cfg, plan, [])  # the run's own, unless --set overrides it
     if decision:
@@ -437,7 +436,7 @@ def predict_new(run_dir: str | Path, inputs: str | Path, out: str | Path | None 
     if problems:
         raise DataError(problems)
     out_dir = Path(out) if out else run_dir / "predict" / _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    from . import diskspace
+    from instantdl_ray.config import diskspace
 
     diskspace.check(diskspace.run_needs(cfg, plan, samples, shapes, out_dir, train=False))
     out_dir.mkdir(parents=True, exist_ok=True)

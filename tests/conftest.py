@@ -18,9 +18,28 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 REPO = Path(__file__).resolve().parents[1]
 
 
+# Test tiers. ``integration``: whatever starts Ray, another process (``subprocess``, a pip install,
+# a cluster) or injects faults into a run; the rest is the unit tier, ``pytest -m "not integration"``
+# (about a minute). A test is integration when it uses the ``ray_session`` fixture (directly or
+# through another fixture), lives in one of these modules, or carries the mark itself.
+INTEGRATION_MODULES = {
+    "test_benchmarks_smoke", "test_cluster_autoscale", "test_cluster_configs", "test_cluster_onprem",
+    "test_cluster_slurm", "test_fault_tolerance", "test_faults", "test_multinode", "test_run_state",
+    "test_real_data",
+}
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: end-to-end tests on real data (minutes)")
     config.addinivalue_line("markers", "gpu: needs a CUDA device")
+    config.addinivalue_line("markers", "integration: starts Ray or another process, or injects faults "
+                                       "(the unit tier is -m 'not integration')")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if "ray_session" in getattr(item, "fixturenames", ()) or item.module.__name__.rsplit(".", 1)[-1] in INTEGRATION_MODULES:
+            item.add_marker(pytest.mark.integration)
 
 
 @pytest.fixture(scope="session")

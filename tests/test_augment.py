@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from instantdl_ray import augment as A
-from instantdl_ray.augment import AUGMENT_KEYS, DEFAULTS, AugmentParams
+from instantdl_ray.data import augment as A
+from instantdl_ray.data.augment import AUGMENT_KEYS, DEFAULTS, AugmentParams
 
 ALL_ON = dict(
     horizontal_flip=True,
@@ -239,7 +239,7 @@ def test_params_from_dict():
 
 
 def test_keys_match_config():
-    config = pytest.importorskip("instantdl_ray.config")
+    config = pytest.importorskip("instantdl_ray.config.schema")
     assert set(AUGMENT_KEYS) == set(config.AUGMENT_DEFAULTS)
     assert DEFAULTS == config.AUGMENT_DEFAULTS
 

@@ -7,11 +7,12 @@ import pytest
 from PIL import Image
 
 from conftest import make_classification_set, make_semantic_set
-from instantdl_ray import config, pipeline
-from instantdl_ray.augment import AugmentParams
+from instantdl_ray import pipeline
+from instantdl_ray.config import schema as config
+from instantdl_ray.data.augment import AugmentParams
 from instantdl_ray.errors import DataError
-from instantdl_ray.plan import make_plan
-from instantdl_ray.validate import validate
+from instantdl_ray.config.plan import make_plan
+from instantdl_ray.config.validate import validate
 
 
 @pytest.mark.parametrize("task,maker", [("semantic", make_semantic_set), ("classification", make_classification_set)])

@@ -13,11 +13,11 @@ import tifffile
 from PIL import Image
 
 from conftest import make_semantic_set
-from instantdl_ray import read
-from instantdl_ray.config import from_dict
+from instantdl_ray.io import read
+from instantdl_ray.config.schema import from_dict
 from instantdl_ray.errors import DataError
-from instantdl_ray.plan import make_plan
-from instantdl_ray.validate import validate
+from instantdl_ray.config.plan import make_plan
+from instantdl_ray.config.validate import validate
 
 
 def _cfg(path: Path, **kw):

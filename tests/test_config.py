@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from instantdl_ray import config as cfgmod
-from instantdl_ray.config import AUGMENT_DEFAULTS, Config, apply_overrides, dump, from_dict, load, load_raw
+from instantdl_ray.config import schema as cfgmod
+from instantdl_ray.config.schema import AUGMENT_DEFAULTS, Config, apply_overrides, dump, from_dict, load, load_raw
 from instantdl_ray.errors import ConfigError
 
 # InstantDL's SemanticSegmentation_example_config.json, byte for byte (tabs, Python True/False and all),

@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 import tifffile
 
-from instantdl_ray import read
-from instantdl_ray.augment import AugmentParams, augment_batch
-from instantdl_ray.dataset import ReadTiles, grid_rows
-from instantdl_ray.plan import Plan, image_percentiles, target_thresholds
-from instantdl_ray.stitch import ImageAccumulator
-from instantdl_ray.tile import tile_grid
+from instantdl_ray.io import read
+from instantdl_ray.data.augment import AugmentParams, augment_batch
+from instantdl_ray.data.dataset import ReadTiles, grid_rows
+from instantdl_ray.config.plan import Plan, image_percentiles, target_thresholds
+from instantdl_ray.predict.stitch import ImageAccumulator
+from instantdl_ray.data.tile import tile_grid
 
 SHAPE = (150, 203)  # not a multiple of the tile: edge tiles are padded
 TILE = [64, 64]
@@ -117,7 +117,7 @@ def test_groundtruth_threshold_acts_on_the_raw_target_before_scaling_in_training
 
 
 def test_evaluation_scores_against_the_cleaned_groundtruth(tmp_path):
-    from instantdl_ray.evaluate import clean_spec, open_pair
+    from instantdl_ray.evaluation.evaluate import clean_spec, open_pair
 
     tpath, raw = _regression_target(tmp_path)
     pred = tmp_path / "pred.tif"

@@ -11,7 +11,8 @@ import pytest
 import tifffile
 from PIL import Image
 
-from instantdl_ray import convert, read
+from instantdl_ray.io import convert
+from instantdl_ray.io import read
 
 SHARED_DSB = Path(__file__).resolve().parents[2] / "shared" / "data" / "dsb2018_fluo256"
 
@@ -175,7 +176,7 @@ def test_instances_from_binary_crash_leaves_nothing(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(convert.read, "write_tiff", boom)
+    monkeypatch.setattr(convert.write, "write_tiff", boom)
     with pytest.raises(RuntimeError):
         convert.instances_from_binary(src, tmp_path / "inst", progress=quiet)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sem"]

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from instantdl_ray.plan import Plan
-from instantdl_ray.stitch import ImageAccumulator
+from instantdl_ray.config.plan import Plan
+from instantdl_ray.predict.stitch import ImageAccumulator
 from instantdl_ray.tasks import get_task
 from instantdl_ray.tasks.semantic import THRESHOLDS, binary_entropy_np, categorical_entropy_np, mc_outputs
-from instantdl_ray.tile import tile_grid
+from instantdl_ray.data.tile import tile_grid
 
 
 def _plan(num_classes=1, tile=(32, 32), **extra):

@@ -15,8 +15,9 @@ import tifffile
 import zarr
 from PIL import Image
 
-from instantdl_ray import evaluate as E
-from instantdl_ray import metrics as M
+from instantdl_ray.evaluation import evaluate as E
+from instantdl_ray.evaluation import metrics as M
+from instantdl_ray.io import write
 from instantdl_ray.errors import ConfigError, DataError
 
 
@@ -345,8 +346,8 @@ def test_large_zarr_pair_is_evaluated_blockwise(tmp_path):
 
 
 def test_prediction_stack_tiled_and_padded(tmp_path, monkeypatch):
-    monkeypatch.setattr(E, "STACK_TILE_FROM", 100)  # force the tiled path used for whole slides
-    monkeypatch.setattr(E, "STACK_TILE", 16)
+    monkeypatch.setattr(write, "STACK_TILE_FROM", 100)  # force the tiled path used for whole slides
+    monkeypatch.setattr(write, "STACK_TILE", 16)
     a = np.arange(40 * 50, dtype=np.uint16).reshape(40, 50)
     b = np.arange(3 * 20 * 33, dtype=np.uint16).reshape(1, 3, 20, 33)
     tifffile.imwrite(tmp_path / "a.tif", a)

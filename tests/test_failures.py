@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from conftest import make_semantic_set
-from instantdl_ray import _ray, cli, config, pipeline
+from instantdl_ray import _ray, cli, pipeline
+from instantdl_ray.config import schema as config
 from instantdl_ray.errors import DataError, TrainingError, WeightsError, permanent_failure
 
 
@@ -36,10 +37,10 @@ def test_an_error_in_the_worker_that_cannot_succeed_is_not_retried(ray_session, 
     """A weights file that fails in the training worker (here: checked only there, as ``fit`` is
     called directly): one attempt, the package's message, the traceback in train.log (not three
     worker-group starts and Ray's TrainingFailedError)."""
-    from instantdl_ray.augment import AugmentParams
-    from instantdl_ray.plan import make_plan
-    from instantdl_ray.train import fit
-    from instantdl_ray.validate import validate
+    from instantdl_ray.data.augment import AugmentParams
+    from instantdl_ray.config.plan import make_plan
+    from instantdl_ray.train.loop import fit
+    from instantdl_ray.config.validate import validate
 
     data = make_semantic_set(tmp_path / "data", n_train=4, n_test=1)
     bad = tmp_path / "weights.pt"
@@ -95,7 +96,7 @@ def test_a_file_that_is_not_pytorch_is_a_validation_problem(tmp_path, capsys):
 def _fake_run(tmp_path, model_bytes: bytes | None = None, state_dict=None):
     """A run directory as training leaves it (config, plan, best model), with the given model file."""
     from instantdl_ray.models import build_model
-    from instantdl_ray.plan import Plan
+    from instantdl_ray.config.plan import Plan
 
     data = make_semantic_set(tmp_path / "data", n_train=2, n_test=2)
     run_dir = tmp_path / "run"
@@ -139,7 +140,7 @@ def test_a_corrupt_checkpoint_in_predict_names_the_file_and_leaves_no_prediction
 
 
 def test_checkpoint_problem_accepts_a_good_file(tmp_path):
-    from instantdl_ray.predict import checkpoint_problem
+    from instantdl_ray.predict.pool import checkpoint_problem
 
     *_, best = _fake_run(tmp_path)
     assert checkpoint_problem(best) is None
@@ -149,7 +150,7 @@ def test_checkpoint_problem_accepts_a_good_file(tmp_path):
 
 
 def test_too_little_disk_space_is_refused_before_training_with_the_numbers(tmp_path, monkeypatch):
-    from instantdl_ray import diskspace
+    from instantdl_ray.config import diskspace
 
     data = make_semantic_set(tmp_path / "data", n_train=4, n_test=2)
     monkeypatch.setattr(diskspace, "free_bytes", lambda path: 5 * 2**20)
@@ -168,7 +169,7 @@ def test_too_little_disk_space_is_refused_before_training_with_the_numbers(tmp_p
 
 
 def test_estimates_grow_with_the_model_and_the_images():
-    from instantdl_ray import diskspace
+    from instantdl_ray.config import diskspace
 
     assert diskspace.training_bytes(2_000_000) > diskspace.training_bytes(1_000_000) > 1_000_000 * 4
     small = diskspace.prediction_bytes([256 * 256] * 10, 1, uncertainty=False)
@@ -178,7 +179,7 @@ def test_estimates_grow_with_the_model_and_the_images():
 
 
 def test_predict_new_checks_the_space_of_its_output_folder(ray_session, tmp_path, monkeypatch):
-    from instantdl_ray import diskspace
+    from instantdl_ray.config import diskspace
 
     run_dir, data, _ = _fake_run(tmp_path)
     monkeypatch.setattr(diskspace, "free_bytes", lambda path: 1024)
@@ -193,15 +194,15 @@ def test_predict_new_checks_the_space_of_its_output_folder(ray_session, tmp_path
 def test_a_full_disk_during_prediction_fails_the_run_cleanly_and_resume_finishes_it(ray_session, tmp_path, monkeypatch):
     """ENOSPC while writing predictions: run.json says failed at predict with the error; after
     space is freed, --resume predicts without training again and completes."""
-    from instantdl_ray import read
+    from instantdl_ray.io import write
 
     data = make_semantic_set(tmp_path / "data", n_train=4, n_test=2)
-    real_write = read.write_tiff
+    real_write = write.write_tiff
 
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(read, "write_tiff", full)
+    monkeypatch.setattr(write, "write_tiff", full)
     run_dir = tmp_path / "run"
     cfg = _cfg(data)
     with pytest.raises(Exception) as e:
@@ -209,7 +210,7 @@ def test_a_full_disk_during_prediction_fails_the_run_cleanly_and_resume_finishes
     assert "No space left on device" in str(e.value)
     st = pipeline.read_state(run_dir)
     assert st["status"] == "failed" and st["stage"] == "predict" and "No space left" in st["error"]
-    monkeypatch.setattr(read, "write_tiff", real_write)
+    monkeypatch.setattr(write, "write_tiff", real_write)
     pipeline.run(cfg, resume=run_dir)
     st = pipeline.read_state(run_dir)
     assert st["status"] == "complete"

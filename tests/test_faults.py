@@ -16,7 +16,8 @@ import pytest
 import yaml
 
 from conftest import make_semantic_set
-from instantdl_ray import config, pipeline
+from instantdl_ray import pipeline
+from instantdl_ray.config import schema as config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -30,7 +31,7 @@ def _cfg_dict(data: Path, **extra) -> dict:
 def test_sigterm_during_prediction_then_resume_predicts_only_the_missing_images(ray_session, tmp_path, monkeypatch):
     """SIGTERM (a scheduler's preemption) after 2 of 5 test images: run.json says interrupted at
     predict; --resume keeps the 2 finished images and predicts the other 3 only."""
-    from instantdl_ray import predict as predict_mod
+    from instantdl_ray.predict import pool as predict_mod
 
     data = make_semantic_set(tmp_path / "data", n_train=4, n_test=5)
     cfg = config.from_dict(_cfg_dict(data))

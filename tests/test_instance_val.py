@@ -11,9 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from instantdl_ray.plan import Plan
+from instantdl_ray.config.plan import Plan
 from instantdl_ray.tasks import get_task
-from instantdl_ray.train import val_sums
+from instantdl_ray.train.loop import val_sums
+
+# a Mask R-CNN built and run forward/backward on CPU several times: about a minute on 2 cores
+pytestmark = pytest.mark.integration
 
 
 def _plan() -> Plan:

@@ -11,7 +11,7 @@ from scipy import stats
 from skimage.metrics import structural_similarity
 from sklearn import metrics as skm
 
-from instantdl_ray import metrics as M
+from instantdl_ray.evaluation import metrics as M
 
 # ---------------------------------------------------------------- semantic
 

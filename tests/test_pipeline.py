@@ -10,7 +10,8 @@ import pytest
 import tifffile
 
 from conftest import make_classification_set, make_instance_set, make_regression_set, make_semantic_set
-from instantdl_ray import config, pipeline
+from instantdl_ray import pipeline
+from instantdl_ray.config import schema as config
 
 FAST = {"iterations_over_dataset": 2, "batchsize": 2, "mc_passes": 2}
 

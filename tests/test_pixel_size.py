@@ -8,8 +8,9 @@ import tifffile
 import zarr
 from PIL import Image
 
-from instantdl_ray import read
-from instantdl_ray.predict import _write_pixel, write_tiff_tiles
+from instantdl_ray.io import read, write
+from instantdl_ray.io.write import write_tiff_tiles
+from instantdl_ray.predict.pool import _write_pixel
 
 
 def _read_size(path):
@@ -37,7 +38,7 @@ def test_pixel_size_from_imagej_ome_resolution_tags_and_png(tmp_path):
 
 def test_3d_spacing_round_trips(tmp_path):
     v = np.zeros((4, 32, 32), np.float32)
-    read.write_tiff(tmp_path / "v.tif", v, pixel_size={"z": 2.0, "y": 0.3, "x": 0.3})
+    write.write_tiff(tmp_path / "v.tif", v, pixel_size={"z": 2.0, "y": 0.3, "x": 0.3})
     assert _read_size(tmp_path / "v.tif") == pytest.approx({"z": 2.0, "y": 0.3, "x": 0.3})
     with tifffile.TiffFile(tmp_path / "v.tif") as tf:
         assert tf.series[0].shape == (4, 32, 32)
@@ -68,7 +69,7 @@ def test_instance_labels_without_imagej_dtype_get_resolution_tags(tmp_path):
     Image.fromarray(np.zeros((32, 32), np.uint8)).save(img, dpi=(25400 / 0.25, 25400 / 0.25))
     labels = np.zeros((32, 32), np.int32)
     labels[2:6, 2:6] = 70000
-    path = read.write_tiff(tmp_path / "l.tif", labels, pixel_size=read.pixel_size(img))
+    path = write.write_tiff(tmp_path / "l.tif", labels, pixel_size=read.pixel_size(img))
     assert _read_size(path) == pytest.approx({"y": 0.25, "x": 0.25}, rel=1e-3)
 
 

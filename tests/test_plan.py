@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import zarr
 
-from instantdl_ray.plan import NORM_PERCENTILES, _subsample, image_percentiles
+from instantdl_ray.config.plan import NORM_PERCENTILES, _subsample, image_percentiles
 
 
 class CountingArray:

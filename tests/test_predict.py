@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from instantdl_ray.stitch import ImageAccumulator
+from instantdl_ray.predict.stitch import ImageAccumulator
 from instantdl_ray.tasks import get_task, mc_samples, set_mc_dropout
-from instantdl_ray.tile import read_tile, tile_grid
+from instantdl_ray.data.tile import read_tile, tile_grid
 
 torch.set_num_threads(1)
 
@@ -34,7 +34,7 @@ def test_identity_model_tiled_and_stitched_reproduces_input(shape, tile, overlap
 
 
 def test_stitching_in_zarr_scratch_matches_memory(tmp_path, monkeypatch):
-    import instantdl_ray.stitch as stitch
+    import instantdl_ray.predict.stitch as stitch
 
     img = np.random.default_rng(1).normal(size=(1, 70, 90)).astype(np.float32)
     mem = _stitch(img, (32, 32), (8, 8), lambda x: x * 2)

@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 import tifffile
 
-import instantdl_ray.stitch as stitch
-from instantdl_ray import read
-from instantdl_ray.plan import Plan
-from instantdl_ray.predict import write_image
-from instantdl_ray.stitch import ImageAccumulator
+import instantdl_ray.predict.stitch as stitch
+from instantdl_ray.io import read
+from instantdl_ray.config.plan import Plan
+from instantdl_ray.predict.pool import write_image
+from instantdl_ray.predict.stitch import ImageAccumulator
 from instantdl_ray.tasks import get_task
-from instantdl_ray.tile import read_tile, tile_grid
+from instantdl_ray.data.tile import read_tile, tile_grid
 
 SHAPE = (1000, 1000)
 TILE = (128, 128)
@@ -239,7 +239,7 @@ def test_predict_20000_square_zarr_in_bounded_memory(tmp_path, ray_session):
     comes out, and the driver's peak RSS stays far below the 1.6 GB one float32 copy would take."""
     import torch
 
-    from instantdl_ray import config as config_mod
+    from instantdl_ray.config import schema as config_mod
     from instantdl_ray import pipeline
     from instantdl_ray.models import build_model
 

@@ -10,8 +10,9 @@ import pytest
 import tifffile
 from PIL import Image
 
-from instantdl_ray import read
-from instantdl_ray.read import (
+from instantdl_ray.io import read
+from instantdl_ray.io.write import write_tiff
+from instantdl_ray.io.read import (
     discover,
     infer_axes,
     open_array,
@@ -20,7 +21,6 @@ from instantdl_ray.read import (
     read_raw,
     read_target,
     to_channel_first,
-    write_tiff,
 )
 
 
@@ -489,14 +489,14 @@ def test_image_suffixes_cover_the_readers():
 def test_atomic_writes_get_usual_permissions_and_leave_nothing_on_failure(tmp_path):
     import os
 
-    from instantdl_ray import read
+    from instantdl_ray.io import write
 
     umask = os.umask(0o022)
     try:
-        p = read.write_tiff(tmp_path / "a.tif", np.zeros((4, 4), np.uint8))
+        p = write.write_tiff(tmp_path / "a.tif", np.zeros((4, 4), np.uint8))
         assert (p.stat().st_mode & 0o777) == 0o644
         with pytest.raises(RuntimeError):
-            with read.atomic_path(tmp_path / "b.tif") as tmp:
+            with write.atomic_path(tmp_path / "b.tif") as tmp:
                 tmp.write_bytes(b"half")
                 raise RuntimeError("crash while writing")
     finally:

@@ -13,7 +13,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from instantdl_ray import config, pipeline
+from instantdl_ray import pipeline
+from instantdl_ray.config import schema as config
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 SHORT = ["iterations_over_dataset=1", "mc_passes=2"]

@@ -8,7 +8,7 @@ from urllib.parse import unquote
 import numpy as np
 import pandas as pd
 
-from instantdl_ray.report import FigureInputs, Panel, write_report
+from instantdl_ray.evaluation.report import FigureInputs, Panel, write_report
 
 
 def _refs(html: str) -> list[str]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from instantdl_ray import _ray
-from instantdl_ray.config import RayConfig
+from instantdl_ray.config.schema import RayConfig
 from instantdl_ray.errors import ConfigError
 
 # CPUs per GPU node as clouds and labs have them: 1 GPU with 4-8 vCPUs (g5.xlarge / a workstation),
@@ -54,7 +54,7 @@ def test_use_gpu_without_a_gpu_is_refused_before_anything_starts(tmp_path, monke
     import torch
 
     from instantdl_ray import pipeline
-    from instantdl_ray.config import from_dict
+    from instantdl_ray.config.schema import from_dict
     from conftest import make_semantic_set
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)

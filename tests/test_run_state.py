@@ -9,7 +9,8 @@ import signal
 import pytest
 
 from conftest import make_semantic_set
-from instantdl_ray import cli, config, pipeline
+from instantdl_ray import cli, pipeline
+from instantdl_ray.config import schema as config
 from instantdl_ray.errors import RunFailed
 
 

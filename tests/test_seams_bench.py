@@ -19,7 +19,7 @@ pytestmark = pytest.mark.timeout(60)
 def test_seam_lines_are_the_core_borders_of_the_grid():
     import seams
 
-    from instantdl_ray.tile import tile_grid
+    from instantdl_ray.data.tile import tile_grid
 
     # 768 with tile 256, overlap 64: starts 0, 192, 384, 512; core borders at the overlap midpoints
     tiles = tile_grid((768, 768), 256, 64)
@@ -160,7 +160,7 @@ def test_semantic_counts_bands():
 def test_shifted_grid_puts_its_seams_between_the_first_grids():
     import seams
 
-    from instantdl_ray.tile import tile_grid
+    from instantdl_ray.data.tile import tile_grid
 
     lines = seams.seam_lines(tile_grid((768, 768), 256, 64), (768, 768))
     shift = seams.pick_shift((768, 768), (256, 256), (64, 64), lines)

@@ -14,10 +14,10 @@ import pytest
 import tifffile
 from scipy import ndimage as ndi
 
-import instantdl_ray.stitch as stitch
-from instantdl_ray.plan import Plan, object_extents, required_overlap
-from instantdl_ray.stitch import ImageAccumulator
-from instantdl_ray.tile import grid_overlap, read_tile, tile_grid
+import instantdl_ray.predict.stitch as stitch
+from instantdl_ray.config.plan import Plan, object_extents, required_overlap
+from instantdl_ray.predict.stitch import ImageAccumulator
+from instantdl_ray.data.tile import grid_overlap, read_tile, tile_grid
 
 
 def _plan(tile, min_overlap=None) -> Plan:
@@ -242,7 +242,7 @@ def test_required_overlap_and_grid_overlap():
 
 
 def test_object_extents_from_training_groundtruth(tmp_path):
-    from instantdl_ray import read
+    from instantdl_ray.io import read
 
     rng = np.random.default_rng(0)
     samples = []
@@ -267,7 +267,7 @@ def test_object_extents_from_training_groundtruth(tmp_path):
 
 
 def test_overlap_derived_from_training_objects_stitches_them_exactly(tmp_path):
-    from instantdl_ray import read
+    from instantdl_ray.io import read
 
     rng = np.random.default_rng(5)
     truth = _random_objects((260, 300), 50, 12, rng)
@@ -282,9 +282,9 @@ def test_overlap_derived_from_training_objects_stitches_them_exactly(tmp_path):
 def test_make_plan_stores_the_instance_min_overlap(tmp_path):
     from conftest import make_instance_set
 
-    from instantdl_ray import config
-    from instantdl_ray.plan import make_plan
-    from instantdl_ray.validate import validate
+    from instantdl_ray.config import schema as config
+    from instantdl_ray.config.plan import make_plan
+    from instantdl_ray.config.validate import validate
 
     data = make_instance_set(tmp_path / "data", n_train=3, n_test=1, shape=(64, 64))
     cfg = config.from_dict({"use_algorithm": "instance", "path": str(data), "iterations_over_dataset": 1,
@@ -300,8 +300,8 @@ def test_grid_rows_read_the_grid_the_accumulator_stitches():
     overlap from ``tile.grid_overlap``: same grid, including the objects' minimum overlap."""
     from pathlib import Path
 
-    from instantdl_ray import read
-    from instantdl_ray.dataset import grid_rows
+    from instantdl_ray.io import read
+    from instantdl_ray.data.dataset import grid_rows
 
     plan = _plan((64, 64), min_overlap=(40, 22))
     shapes = {"a.tif": (300, 200)}

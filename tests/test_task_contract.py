@@ -15,9 +15,9 @@ import pytest
 import tifffile
 import torch
 
-from instantdl_ray import read
-from instantdl_ray.plan import Plan
-from instantdl_ray.predict import _write_classification, _write_pixel, _write_predictions_csv
+from instantdl_ray.io import read
+from instantdl_ray.config.plan import Plan
+from instantdl_ray.predict.pool import _write_classification, _write_pixel, _write_predictions_csv
 from instantdl_ray.tasks import TASKS, get_task
 
 pytestmark = pytest.mark.timeout(300)
@@ -86,7 +86,13 @@ def _case(task_name, model, tile, classes):
     return task, plan, batch
 
 
-@pytest.mark.parametrize("task_name,model,tile,classes", CASES, ids=lambda v: str(v).replace(" ", ""))
+def _tiered(case):
+    """A full Mask R-CNN step takes about a minute on 2 CPUs: it belongs to the integration tier."""
+    return pytest.param(*case, marks=pytest.mark.integration) if case[1].startswith("maskrcnn") else case
+
+
+@pytest.mark.parametrize("task_name,model,tile,classes", [_tiered(c) for c in CASES],
+                         ids=lambda v: str(v).replace(" ", ""))
 def test_task_contract(task_name, model, tile, classes, tmp_path):
     torch.manual_seed(0)
     torch.set_num_threads(2)

@@ -7,8 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from instantdl_ray import dataset, read
-from instantdl_ray.tile import (
+from instantdl_ray.data import dataset
+from instantdl_ray.io import read
+from instantdl_ray.data.tile import (
     Tile,
     blend_weights,
     grid_tile_origins,
@@ -219,7 +220,7 @@ def test_tile_is_frozen():
 def test_foreground_map_of_a_chunked_label_marks_exactly_the_labelled_cells(tmp_path):
     import zarr
 
-    from instantdl_ray import dataset
+    from instantdl_ray.data import dataset
 
     lab = np.zeros((5000, 3000), np.uint8)
     lab[10:20, 2990:3000] = 1  # in the last (partial) cell column
@@ -234,7 +235,8 @@ def test_foreground_map_of_a_chunked_label_marks_exactly_the_labelled_cells(tmp_
 def test_foreground_sampling_centres_tiles_on_sparse_labels():
     from types import SimpleNamespace
 
-    from instantdl_ray import dataset, read
+    from instantdl_ray.data import dataset
+    from instantdl_ray.io import read
 
     plan = SimpleNamespace(tile_shape=[64, 64], image_size=None, axes="YX")
     samples = [read.Sample(name="a", image="a.tif", groundtruth="a_gt.tif")]
@@ -259,7 +261,8 @@ def test_foreground_maps_read_only_labels_of_images_larger_than_a_tile(tmp_path)
 
     import tifffile
 
-    from instantdl_ray import dataset, read
+    from instantdl_ray.data import dataset
+    from instantdl_ray.io import read
 
     lab = np.zeros((200, 100), np.uint8)
     lab[150, 50] = 1
@@ -275,7 +278,7 @@ def test_foreground_maps_read_only_labels_of_images_larger_than_a_tile(tmp_path)
 def test_training_epochs_hold_whole_batches_only():
     """A remainder of one row made a BatchNorm batch of one (InstantDL's own classification example,
     batch size 2): each epoch is filled up to a multiple of batch size x workers."""
-    from instantdl_ray.plan import Plan
+    from instantdl_ray.config.plan import Plan
 
     plan = Plan(task="classification", spatial_dims=2, axes="YXC", target_axes=None, in_channels=3, out_channels=2,
                 num_classes=2, class_names=["a", "b"], tile_shape=[64, 64], image_size=[64, 64], model="resnet50",

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from instantdl_ray import _ray
-from instantdl_ray.config import RayConfig
+from instantdl_ray.config.schema import RayConfig
 from instantdl_ray.errors import ConfigError
-from instantdl_ray.train import BEST_FILE, MODEL_FILE, STATE_FILE, EarlyStopping, latest_checkpoint
+from instantdl_ray.train.loop import BEST_FILE, MODEL_FILE, STATE_FILE, EarlyStopping, latest_checkpoint
 
 
 def test_early_stopping_keeps_best_and_stops_after_patience():
@@ -66,7 +66,7 @@ def test_training_stream_reads_a_bounded_amount_ahead():
     """The stream holds every epoch's rows; Ray Data must not read and augment epochs ahead."""
     from types import SimpleNamespace
 
-    from instantdl_ray.train import READ_AHEAD_MAX, READ_AHEAD_MIN, _data_config, read_ahead_bytes
+    from instantdl_ray.train.loop import READ_AHEAD_MAX, READ_AHEAD_MIN, _data_config, read_ahead_bytes
 
     unet = SimpleNamespace(in_channels=1, out_channels=1, tile_shape=[256, 256], image_size=None)
     assert read_ahead_bytes(unet, 4) == 16 * 4 * 4 * 2 * 256 * 256  # 16 batches of image + target: 32 MiB
@@ -86,7 +86,7 @@ def test_training_stream_reads_a_bounded_amount_ahead():
 
 @pytest.mark.parametrize("n_rows,world", [(1, 2), (3, 2), (7, 4), (4, 1), (0, 2)])
 def test_validation_rows_split_round_robin_every_row_once(n_rows, world):
-    from instantdl_ray.train import split_rows
+    from instantdl_ray.train.loop import split_rows
 
     rows = [{"tile_index": i} for i in range(n_rows)]
     shards = split_rows(rows, world)
@@ -98,8 +98,8 @@ def test_validation_rows_split_round_robin_every_row_once(n_rows, world):
 
 
 def test_ray_datasets_carry_the_executor_step_rate_limit(ray_session):
-    from instantdl_ray.dataset import StepRateLimit, ray_dataset
-    from instantdl_ray.plan import Plan
+    from instantdl_ray.data.dataset import StepRateLimit, ray_dataset
+    from instantdl_ray.config.plan import Plan
 
     assert StepRateLimit is not None, "Ray's ExecutionCallback interface moved; the throttle is off"
     plan = Plan(task="semantic", spatial_dims=2, axes="YX", target_axes="YX", in_channels=1, out_channels=1,
@@ -112,7 +112,7 @@ def test_ray_datasets_carry_the_executor_step_rate_limit(ray_session):
 def test_local_ray_starts_without_dashboard_unless_asked(monkeypatch):
     import ray
 
-    from instantdl_ray.config import from_dict
+    from instantdl_ray.config.schema import from_dict
 
     calls = []
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
@@ -133,7 +133,7 @@ def _all_reduce_rank(rank: int, init: str, out: str) -> None:
 
     import torch.distributed as dist
 
-    from instantdl_ray.train import _all_reduce
+    from instantdl_ray.train.loop import _all_reduce
 
     dist.init_process_group("gloo", init_method=init, world_size=2, rank=rank)
     try:
@@ -172,7 +172,7 @@ class _NaNAtStep:
 
 def test_train_epoch_stops_at_the_first_non_finite_loss():
     from instantdl_ray.errors import InstantDLError, TrainingError
-    from instantdl_ray.train import train_epoch
+    from instantdl_ray.train.loop import train_epoch
 
     torch.manual_seed(0)
     model = torch.nn.Linear(3, 1)
@@ -192,7 +192,7 @@ def test_train_epoch_stops_at_the_first_non_finite_loss():
 
 def test_train_epoch_without_the_check_keeps_going():
     """Tuning trials rank a diverged trial last themselves: the check is opt-in."""
-    from instantdl_ray.train import train_epoch
+    from instantdl_ray.train.loop import train_epoch
 
     model = torch.nn.Linear(3, 1)
     opt = torch.optim.SGD(model.parameters(), lr=1e-2)
@@ -208,7 +208,7 @@ def test_run_checkpoint_files_load_with_weights_only(tmp_path):
 
     import numpy as np
 
-    from instantdl_ray.train import save_checkpoint
+    from instantdl_ray.train.loop import save_checkpoint
 
     model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2))
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -252,7 +252,7 @@ def test_checkpoint_discovery_never_unpickles_code(tmp_path):
 
 
 def test_steps_per_epoch_counts_only_whole_batches():
-    from instantdl_ray.train import steps_per_epoch
+    from instantdl_ray.train.loop import steps_per_epoch
 
     assert steps_per_epoch(12, 2, 2) == 3
     assert steps_per_epoch(13, 2, 2) == 3  # a partial batch is dropped, never a step of its own
@@ -267,7 +267,7 @@ def test_training_batches_are_never_partial(ray_session):
     import numpy as np
     import ray
 
-    from instantdl_ray.train import endless_batches
+    from instantdl_ray.train.loop import endless_batches
 
     ds = ray.data.from_items([{"image": np.full((1, 2, 2), i, np.float32)} for i in range(5)])
     sizes = [b["image"].shape[0] for b in itertools.islice(endless_batches(ds, 2), 6)]

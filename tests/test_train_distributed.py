@@ -8,7 +8,7 @@ import re
 import pytest
 
 from conftest import make_semantic_set
-from instantdl_ray import config
+from instantdl_ray.config import schema as config
 
 TWO_WORKERS = {"num_workers": 2, "cpus_per_worker": 0.5}
 
@@ -23,10 +23,10 @@ def _cfg(data, **extra):
 def _fit(cfg, run_dir):
     """``train.fit`` as ``pipeline.run`` calls it, without the prediction stage."""
     from instantdl_ray import _ray
-    from instantdl_ray.augment import AugmentParams
-    from instantdl_ray.plan import make_plan
-    from instantdl_ray.train import fit
-    from instantdl_ray.validate import validate
+    from instantdl_ray.data.augment import AugmentParams
+    from instantdl_ray.config.plan import make_plan
+    from instantdl_ray.train.loop import fit
+    from instantdl_ray.config.validate import validate
 
     inv = validate(cfg)
     plan = make_plan(cfg, inv)

@@ -9,8 +9,8 @@ import pytest
 import yaml
 
 from conftest import make_semantic_set
-from instantdl_ray import config
-from instantdl_ray import tune as tune_mod
+from instantdl_ray.config import schema as config
+from instantdl_ray.train import tune as tune_mod
 from instantdl_ray.errors import ConfigError
 
 

@@ -15,10 +15,10 @@ import yaml
 from PIL import Image
 
 from conftest import make_semantic_set
-from instantdl_ray import config as cfgmod
-from instantdl_ray.config import from_dict
+from instantdl_ray.config import schema as cfgmod
+from instantdl_ray.config.schema import from_dict
 from instantdl_ray.errors import ConfigError, DataError
-from instantdl_ray.validate import validate
+from instantdl_ray.config.validate import validate
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -531,9 +531,9 @@ def test_two_images_with_one_stem_are_refused_naming_both(tmp_path):
     import shutil
 
     from conftest import make_semantic_set
-    from instantdl_ray import config
+    from instantdl_ray.config import schema as config
     from instantdl_ray.errors import DataError
-    from instantdl_ray.validate import validate
+    from instantdl_ray.config.validate import validate
 
     data = make_semantic_set(tmp_path / "data")
     shutil.copy(data / "train" / "image" / "img01.png", data / "train" / "image" / "img01.tif")
@@ -551,9 +551,9 @@ def test_training_masks_without_foreground(tmp_path, task):
     from PIL import Image
 
     from conftest import make_instance_set, make_semantic_set
-    from instantdl_ray import config
+    from instantdl_ray.config import schema as config
     from instantdl_ray.errors import DataError
-    from instantdl_ray.validate import validate
+    from instantdl_ray.config.validate import validate
 
     data = (make_semantic_set if task == "semantic" else make_instance_set)(tmp_path / "data")
     masks = sorted((data / "train" / "groundtruth").iterdir())
@@ -578,10 +578,10 @@ def test_classification_csv_conflicts_and_class_warnings(tmp_path):
     """Issue 17 item 9: conflicting duplicate rows refused (both quoted); a test-only class and a class
     with one training image are warnings, and the model's classes cover classes.txt."""
     from conftest import make_classification_set
-    from instantdl_ray import config
+    from instantdl_ray.config import schema as config
     from instantdl_ray.errors import DataError
-    from instantdl_ray.plan import make_plan
-    from instantdl_ray.validate import validate
+    from instantdl_ray.config.plan import make_plan
+    from instantdl_ray.config.validate import validate
 
     data = make_classification_set(tmp_path / "data")
     csv = data / "train" / "groundtruth" / "groundtruth.csv"

@@ -9,7 +9,7 @@ from torchvision.models._api import WeightsEnum
 
 from instantdl_ray.errors import DataError, WeightsError
 from instantdl_ray.models import build_model
-from instantdl_ray.weights import hub_checkpoint_path, load_pretrained, resolve_weights
+from instantdl_ray.models.weights import hub_checkpoint_path, load_pretrained, resolve_weights
 
 torch.set_num_threads(1)
 
@@ -173,7 +173,7 @@ def test_trusted_pickled_checkpoint_loads_with_a_warning(tmp_path, caplog):
     src, path = _pickled_checkpoint(tmp_path)
     dst = build_model("resnet18", in_channels=3, out_channels=2)
     lines = []
-    with caplog.at_level(logging.WARNING, logger="instantdl_ray.weights"):
+    with caplog.at_level(logging.WARNING, logger="instantdl_ray.models.weights"):
         report = load_pretrained(dst, path, model_name="resnet18", log=lines.append, trust=True)
     assert not report["skipped"]
     assert torch.equal(dst.state_dict()["conv1.weight"], src.state_dict()["conv1.weight"])
@@ -187,14 +187,14 @@ def test_plain_tensor_file_needs_no_trust(tmp_path, caplog):
 
     path = tmp_path / "plain.pt"
     torch.save(build_model("resnet18", in_channels=3, out_channels=2).state_dict(), path)
-    with caplog.at_level(logging.WARNING, logger="instantdl_ray.weights"):
+    with caplog.at_level(logging.WARNING, logger="instantdl_ray.models.weights"):
         load_pretrained(build_model("resnet18", in_channels=3, out_channels=2), path, model_name="resnet18",
                         log=_quiet, trust=True)
     assert not [r for r in caplog.records if r.levelno == logging.WARNING]  # the opt-in was not needed
 
 
 def test_trust_key_defaults_to_false():
-    from instantdl_ray.config import from_dict
+    from instantdl_ray.config.schema import from_dict
 
     assert from_dict({"use_algorithm": "semantic", "path": "."}).trust_pretrained_weights is False
     assert from_dict({"use_algorithm": "semantic", "path": ".", "trust_pretrained_weights": True}).trust_pretrained_weights
@@ -203,9 +203,10 @@ def test_trust_key_defaults_to_false():
 def test_predict_only_runs_pass_the_trust_key(tmp_path):
     """``iterations_over_dataset: 0`` loads the weights on the driver: the opt-in must reach it too."""
     from conftest import make_classification_set
-    from instantdl_ray import config, pipeline
-    from instantdl_ray.plan import make_plan
-    from instantdl_ray.validate import validate
+    from instantdl_ray import pipeline
+    from instantdl_ray.config import schema as config
+    from instantdl_ray.config.plan import make_plan
+    from instantdl_ray.config.validate import validate
 
     _, path = _pickled_checkpoint(tmp_path)
     data = make_classification_set(tmp_path / "data")

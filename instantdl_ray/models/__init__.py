@@ -8,7 +8,7 @@ Builders live one family per file and register themselves on import:
                                   torchvision Mask R-CNN (instance segmentation)
 
 Every model is built with random weights; pretrained weights are loaded afterwards, by name and
-shape, with :func:`instantdl_ray.weights.load_pretrained`, so a model never downloads anything.
+shape, with :func:`instantdl_ray.models.weights.load_pretrained`, so a model never downloads anything.
 """
 
 from __future__ import annotations

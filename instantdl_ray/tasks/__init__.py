@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from ..registry import Registry
+from instantdl_ray.registry import Registry
 
 TASKS = Registry("task")
 
@@ -37,7 +37,7 @@ class Task:
 
     # ---- training (inside Ray Train workers)
     def build_model(self, plan):
-        from ..models import build_model
+        from instantdl_ray.models import build_model
 
         return build_model(
             plan.model,
@@ -48,7 +48,7 @@ class Task:
         )
 
     def make_loss(self, plan):
-        from ..losses import make_loss
+        from instantdl_ray.losses import make_loss
 
         return make_loss(plan.loss, self.name, plan.num_classes)
 
@@ -129,4 +129,4 @@ def set_mc_dropout(model, enabled: bool) -> None:
                 m.train()
 
 
-from . import classification, instance, regression, semantic  # noqa: E402,F401  (register)
+from instantdl_ray.tasks import classification, instance, regression, semantic  # noqa: E402,F401  (register)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import TASKS, Task, mc_samples
-from .semantic import categorical_entropy
+from instantdl_ray.tasks import TASKS, Task, mc_samples
+from instantdl_ray.tasks.semantic import categorical_entropy
 
 
 @TASKS.register("classification")
@@ -18,7 +18,7 @@ class Classification(Task):
     pixelwise = False
 
     def plan_fields(self, cfg, inv):
-        from ..losses import DEFAULT_LOSS
+        from instantdl_ray.losses import DEFAULT_LOSS
 
         named = set((inv.class_names or {}).keys())  # classes.txt may name classes with no image yet
         known = set(inv.label_values) | named

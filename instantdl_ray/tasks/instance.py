@@ -13,8 +13,8 @@ import contextlib
 
 import numpy as np
 
-from . import TASKS, Task, mc_samples
-from .semantic import mc_outputs, uncertainty_maps
+from instantdl_ray.tasks import TASKS, Task, mc_samples
+from instantdl_ray.tasks.semantic import mc_outputs, uncertainty_maps
 
 MAX_OBJECTS = 512  # per tile; DSB images hold up to ~400 nuclei
 SCORE_THRESHOLD = 0.5
@@ -125,7 +125,7 @@ class Instance(Task):
         return encode_interior_boundary(lab).astype(np.float32)
 
     def build_model(self, plan):
-        from ..models import build_model
+        from instantdl_ray.models import build_model
 
         return build_model(
             plan.model,
@@ -138,7 +138,7 @@ class Instance(Task):
     def make_loss(self, plan):
         if self.is_maskrcnn(plan):
             return None
-        from ..losses import make_loss
+        from instantdl_ray.losses import make_loss
 
         return make_loss(plan.loss, "semantic", 3)
 

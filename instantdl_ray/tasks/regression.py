@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import TASKS, Task, mc_samples
+from instantdl_ray.tasks import TASKS, Task, mc_samples
 
 
 def _shape_c(values, ndim):
@@ -23,7 +23,7 @@ class Regression(Task):
     headline = "val_neg_mse"
 
     def plan_fields(self, cfg, inv):
-        from ..losses import DEFAULT_LOSS
+        from instantdl_ray.losses import DEFAULT_LOSS
 
         return dict(
             out_channels=1,  # set from the target's channels when the plan is made

@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 
-from . import TASKS, Task, mc_samples
+from instantdl_ray.tasks import TASKS, Task, mc_samples
 
 # Otsu on a probability map of an image with (almost) no foreground splits noise; keep the
 # threshold in a sane band around 0.5 so empty images stay empty.
@@ -80,7 +80,7 @@ class Semantic(Task):
 
     def plan_fields(self, cfg, inv):
         n = cfg.num_classes or 1
-        from ..losses import DEFAULT_LOSS
+        from instantdl_ray.losses import DEFAULT_LOSS
 
         return dict(
             out_channels=n,
@@ -149,8 +149,6 @@ class Semantic(Task):
                 "epoch": int(best) + 1}
 
     def predict_batch(self, model, x, passes):
-        import torch
-
         logits = mc_samples(model, x, passes)  # (T, B, K, ...)
         return mc_outputs(logits, passes)
 
@@ -173,7 +171,7 @@ class Semantic(Task):
     finalize_inputs = ("prob", "expected_entropy")  # what finalize reads; the streaming path keeps only these
 
     def build_model(self, plan):
-        from ..models import build_model
+        from instantdl_ray.models import build_model
 
         # plan.extra["model_options"] (e.g. {"features": [4, 4, 8, 8, 16, 4]}) reaches the builder
         return build_model(plan.model, in_channels=plan.in_channels, out_channels=plan.out_channels,

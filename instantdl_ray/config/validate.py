@@ -10,9 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
-from . import read
-from .config import Config
-from .errors import DataError
+from instantdl_ray.io import read
+from instantdl_ray.config.schema import Config
+from instantdl_ray.errors import DataError
 
 
 @dataclass
@@ -40,7 +40,7 @@ def _shape(path: Path) -> tuple[int, ...]:
 def _check_finite(path: Path, problems: list[str]) -> None:
     arr = read.open_array(path)
     if np.issubdtype(np.dtype(arr.dtype), np.floating):
-        from .plan import _subsample
+        from instantdl_ray.config.plan import _subsample
 
         if not np.all(np.isfinite(_subsample(arr))):
             problems.append(f"{path}: contains NaN or infinite values; replace them (e.g. with 0) before training")
@@ -52,14 +52,14 @@ def _spatial(shape: tuple[int, ...], axes: str) -> tuple[int, ...]:
 
 def check_config_choices(cfg: Config) -> list[str]:
     """Problems in config values that only make sense per task (loss, model, weights)."""
-    from .losses import ALLOWED_LOSSES
-    from .tasks import get_task
+    from instantdl_ray.losses import ALLOWED_LOSSES
+    from instantdl_ray.tasks import get_task
 
     problems = []
     task = get_task(cfg.task)
     if cfg.loss_function is not None and cfg.task != "instance":
         allowed = ALLOWED_LOSSES[cfg.task]
-        from .registry import did_you_mean
+        from instantdl_ray.registry import did_you_mean
 
         if cfg.loss_function.lower() not in allowed:
             problems.append(
@@ -67,7 +67,7 @@ def check_config_choices(cfg: Config) -> list[str]:
                 f"{list(allowed)}." + did_you_mean(cfg.loss_function, allowed)
             )
     if cfg.model is not None:
-        from .models import MODELS
+        from instantdl_ray.models import MODELS
 
         if cfg.model not in MODELS or MODELS.canonical(cfg.model) not in task.models:
             problems.append(f"model: '{cfg.model}' is not available for {cfg.use_algorithm}; choose one of {list(task.models)}")
@@ -83,7 +83,7 @@ def check_config_choices(cfg: Config) -> list[str]:
         elif not p.exists():
             problems.append(f"pretrained_weights: '{w}' not found; give a run directory, a checkpoint folder or a .pt file")
         else:  # reads as a PyTorch checkpoint with a state dict (whether it fits the model: after planning)
-            from .weights import check_file
+            from instantdl_ray.models.weights import check_file
 
             problems += check_file(p, cfg.model or task.models[0], trust=cfg.trust_pretrained_weights)
     if w is True:
@@ -109,7 +109,7 @@ def check_config_choices(cfg: Config) -> list[str]:
 
 def validate(cfg: Config) -> Inventory:
     """Validate ``cfg`` and its data folder. Raises ``DataError`` with every problem found."""
-    from .tasks import get_task
+    from instantdl_ray.tasks import get_task
 
     problems: list[str] = []
     try:
@@ -209,7 +209,7 @@ def validate(cfg: Config) -> Inventory:
             continue
         sp = _spatial(shp, inv.axes)
         try:  # the groundtruth's own channel axis (e.g. an RGB PNG mask: YXC), as the plan reads it
-            from .plan import _target_axes
+            from instantdl_ray.config.plan import _target_axes
 
             tsp = _spatial(tshape, _target_axes(tshape, "".join(a for a in inv.axes if a in "ZYX")))
         except ValueError:

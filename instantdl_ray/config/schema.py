@@ -14,8 +14,8 @@ from typing import Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from .errors import ConfigError
-from .registry import did_you_mean
+from instantdl_ray.errors import ConfigError
+from instantdl_ray.registry import did_you_mean
 
 TASK_ALIASES = {
     "semanticsegmentation": "semantic",
@@ -376,4 +376,6 @@ def load(path: str | Path, overrides: list[str] | None = None) -> Config:
 
 def dump(cfg: Config, path: str | Path) -> None:
     """Write the resolved config (every default spelled out) as YAML."""
-    Path(path).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    from instantdl_ray.io.write import write_text
+
+    write_text(path, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))

@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from instantdl_ray.io import write
+
 # --------------------------------------------------------------------------- search space
 
 LR_RANGE = (1e-4, 1e-2)  # learning_rate ~ log-uniform
@@ -95,11 +97,11 @@ def _trial(trial: dict[str, Any], *, setup: dict[str, Any]) -> None:
     import torch
     from ray import tune as rt
 
-    from .augment import AugmentParams
-    from .dataset import ray_dataset
-    from .plan import Plan
-    from .tasks import get_task
-    from .train import EarlyStopping, train_epoch, val_sums
+    from instantdl_ray.data.augment import AugmentParams
+    from instantdl_ray.data.dataset import ray_dataset
+    from instantdl_ray.config.plan import Plan
+    from instantdl_ray.tasks import get_task
+    from instantdl_ray.train.loop import EarlyStopping, train_epoch, val_sums
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
@@ -190,12 +192,12 @@ def tune(
     from ray import tune as rt
     from ray.tune.schedulers import ASHAScheduler
 
-    from . import _ray
-    from . import config as config_mod
-    from .dataset import grid_rows, training_rows
-    from .errors import ConfigError
-    from .plan import make_plan
-    from .validate import validate
+    from instantdl_ray import _ray
+    from instantdl_ray.config import schema as config_mod
+    from instantdl_ray.data.dataset import grid_rows, training_rows
+    from instantdl_ray.errors import ConfigError
+    from instantdl_ray.config.plan import make_plan
+    from instantdl_ray.config.validate import validate
 
     raw = config_mod.apply_overrides(config_mod.load_raw(cfg_path), overrides or [])
     cfg = config_mod.load(cfg_path, overrides or [])
@@ -275,7 +277,7 @@ def tune(
                    error=repr(res.error) if res.error else "")
         table.append(row)
     df = pd.DataFrame(table).sort_values("best_val_loss", na_position="last")
-    df.to_csv(out_dir / "trials.csv", index=False)
+    write.write_dataframe(out_dir / "trials.csv", df)
     ok = df[df["epochs_run"] > 0]
     if ok.empty:
         raise RuntimeError(f"every trial failed; see {out_dir / 'trials.csv'} and the log above")
@@ -289,7 +291,7 @@ def tune(
     header = (f"# best of {len(df)} trial(s) by {METRIC} (min {float(best['best_val_loss']):.5g}, "
               f"trial {best['trial_id']}), from {Path(cfg_path).resolve()}\n"
               f"# run it with: python -m instantdl_ray run {out_dir / 'best_config.yaml'}\n")
-    (out_dir / "best_config.yaml").write_text(header + yaml.safe_dump(best_raw, sort_keys=False))
+    write.write_text(out_dir / "best_config.yaml", header + yaml.safe_dump(best_raw, sort_keys=False))
     log("best: " + ", ".join(f"{k} {best_trial[k]}" for k in TUNED_KEYS) + f"  ({METRIC} {float(best['best_val_loss']):.4g})")
     log(f"done. {out_dir / 'best_config.yaml'} and {out_dir / 'trials.csv'}")
     return out_dir

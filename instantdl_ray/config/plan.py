@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from . import read
+from instantdl_ray.io import read
 
 # Robust per-image input normalisation (CSBDeep / StarDist): map these percentiles to 0 and 1.
 NORM_PERCENTILES = (1.0, 99.8)
@@ -44,7 +44,9 @@ class Plan:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(asdict(self), indent=1))
+        from instantdl_ray.io.write import write_json
+
+        write_json(path, asdict(self), indent=1)
 
     @classmethod
     def from_json(cls, path_or_text: str | Path | dict) -> "Plan":
@@ -119,7 +121,7 @@ def target_thresholds(path, target_axes: str) -> list[float]:
     """Per-channel background threshold of one raw groundtruth image for InstantDL's
     ``threshold_background_groundtruth``: ``augment.GROUNDTRUTH_THRESHOLD_FACTOR`` x its mean (from a
     bounded subsample), in the target's own units, so the same pixels are cleared in every tile."""
-    from .augment import GROUNDTRUTH_THRESHOLD_FACTOR
+    from instantdl_ray.data.augment import GROUNDTRUTH_THRESHOLD_FACTOR
 
     arr = read.to_channel_first(_subsample(read.open_array(path), target_axes), target_axes)
     flat = arr.reshape(arr.shape[0], -1).astype(np.float64)
@@ -155,7 +157,7 @@ def default_tile(spatial_shape: tuple[int, ...], image_size, divisor: int = 16) 
 
 
 def _spatial_of(shape: tuple[int, ...], axes: str) -> tuple[int, ...]:
-    from .read import image_axes
+    from instantdl_ray.io.read import image_axes
 
     return tuple(n for n, a in zip(shape, image_axes(shape, axes)) if a in "ZYX")
 
@@ -262,7 +264,7 @@ def _sample_object_extents(sample, target_axes: str | None, seed: int = 0) -> li
 
 def make_plan(cfg, inv) -> Plan:
     """Fingerprint the data set described by ``inv`` (from ``validate``) under ``cfg``."""
-    from .tasks import get_task
+    from instantdl_ray.tasks import get_task
 
     task = get_task(cfg.task)
     fields = task.plan_fields(cfg, inv)
@@ -353,7 +355,7 @@ def make_plan(cfg, inv) -> Plan:
 def _target_stats(sample, target_axes: str, extra: dict):
     """(pixels, mean, variance) per channel of one training target after the raw-target clean-up
     (``augment.clean_target``), which is what the scaled training targets are made from."""
-    from .augment import AugmentParams, clean_target
+    from instantdl_ray.data.augment import AugmentParams, clean_target
 
     arr = read.to_channel_first(_subsample(read.open_array(sample.groundtruth), target_axes), target_axes)
     arr = clean_target(arr, AugmentParams.from_dict(extra.get("augment")),

@@ -66,6 +66,8 @@ from typing import Any, Optional, Union
 import numpy as np
 from scipy import ndimage
 
+from instantdl_ray.io import write
+
 # InstantDL's data_gen_args keys, in InstantDL's order, typo included (``poission_noise``).
 AUGMENT_KEYS: tuple[str, ...] = (
     "save_augmented_images",
@@ -710,7 +712,7 @@ def save_examples(
         for ax in axes.ravel():
             ax.axis("off")
         path = out_dir / f"augmented_{i:03d}.png"
-        fig.savefig(path, dpi=80, bbox_inches="tight")
+        write.write_figure(fig, path, dpi=80, bbox_inches="tight")
         plt.close(fig)
         paths.append(path)
     return paths

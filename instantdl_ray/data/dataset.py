@@ -16,8 +16,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from . import read
-from .plan import Plan, normalize_image
+from instantdl_ray.io import read
+from instantdl_ray.config.plan import Plan, normalize_image
 
 EPOCH_SEED_STRIDE = 1_000_003  # a prime, so (epoch, index) pairs give distinct seeds
 PASS_THROUGH = ("label", "seed", "image_index", "tile_index")
@@ -80,10 +80,10 @@ class ReadTiles:
     def __init__(self, plan: Plan | dict, with_target: bool = True):
         self.plan = plan if isinstance(plan, Plan) else Plan.from_json(plan)
         self.with_target = with_target
-        from .tasks import get_task
+        from instantdl_ray.tasks import get_task
 
         self.task = get_task(self.plan.task)
-        from .augment import AugmentParams
+        from instantdl_ray.data.augment import AugmentParams
 
         # raw-target clean-up (threshold_background_groundtruth, binarize_mask), before task scaling
         self.target_params = AugmentParams.from_dict(self.plan.extra.get("augment", {}))
@@ -108,7 +108,7 @@ class ReadTiles:
         return resize(chw, p.image_size) if not self.task.pixelwise else chw
 
     def read_target(self, target: str, origin: Sequence[int], image: str | None = None) -> np.ndarray:
-        from .augment import clean_target
+        from instantdl_ray.data.augment import clean_target
 
         p = self.plan
         if target.startswith("["):
@@ -235,7 +235,7 @@ def training_rows(
     tiles is centred on a labelled cell (``tile.random_tile_origins`` with weights), the rest
     uniform: sparse objects on a large slide are then seen every epoch.
     """
-    from .tile import random_tile_origins
+    from instantdl_ray.data.tile import random_tile_origins
 
     rows = []
     for epoch in epochs:
@@ -267,7 +267,7 @@ def training_rows(
 
 def grid_rows(samples: list[read.Sample], shapes: dict[str, tuple[int, ...]], plan: Plan, overlap: float) -> list[dict]:
     """Spec rows covering each image with the prediction tile grid (validation / prediction)."""
-    from .tile import grid_overlap, tile_grid
+    from instantdl_ray.data.tile import grid_overlap, tile_grid
 
     rows = []
     for idx, s in enumerate(samples):
@@ -336,8 +336,8 @@ def ray_dataset(rows: list[dict], plan: Plan, augment_params=None, with_target: 
 
     ds = ds.map_batches(read_tiles, batch_size=rows_per_block, batch_format="numpy")
     if augment_params is not None:
-        from .augment import augment_batch
-        from .tasks import get_task
+        from instantdl_ray.data.augment import augment_batch
+        from instantdl_ray.tasks import get_task
 
         kind = get_task(plan.task).target_kind
         ds = ds.map_batches(

@@ -16,7 +16,6 @@ Small images keep the in-memory path (``_write_pixel``: one plain TIFF each).
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import sys
@@ -26,8 +25,8 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from . import read
-from .plan import Plan
+from instantdl_ray.io import read, write
+from instantdl_ray.config.plan import Plan
 
 
 class Predictor:
@@ -42,7 +41,7 @@ class Predictor:
             os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         import torch
 
-        from .tasks import get_task
+        from instantdl_ray.tasks import get_task
 
         torch.set_num_threads(max(1, int(torch_threads)))
         if isinstance(state_dict, list):  # [ObjectRef]: nested, so Ray hands the reference over untouched
@@ -60,7 +59,7 @@ class Predictor:
         try:
             self.model.load_state_dict(state_dict)
         except Exception as e:  # a user's error, not a lost actor: raised as such, never retried
-            from .errors import WeightsError
+            from instantdl_ray.errors import WeightsError
 
             raise WeightsError([f"{MODEL_MARK}{e}".splitlines()[0][:500]]) from None
         self.model.to(self.device).eval()
@@ -108,7 +107,7 @@ def checkpoint_problem(path: Path) -> str | None:
 
 def model_file_error(path: Path, why: str):
     """The ``WeightsError`` for a run's unusable model file: the file, why, and what to do."""
-    from .errors import WeightsError
+    from instantdl_ray.errors import WeightsError
 
     run_dir = Path(path).parents[2] if len(Path(path).parents) > 2 else Path(path).parent
     return WeightsError([f"{path}: {why}; 'python -m instantdl_ray run --resume {run_dir} --force' exports it "
@@ -140,16 +139,14 @@ def _done_records(pred_dir: Path, samples: list[read.Sample]) -> dict[str, dict]
 
 def _save_record(pred_dir: Path, rec: dict) -> None:
     """After all of an image's files: its record, the mark that it is done (atomic)."""
-    with read.atomic_path(pred_dir / RECORDS / f"{rec['name']}.json") as tmp:
-        tmp.write_text(json.dumps(rec, default=str))
+    write.write_json(pred_dir / RECORDS / f"{rec['name']}.json", rec, indent=None)
 
 
 def finish_records(pred_dir: Path, records: list[dict]) -> None:
     """``predictions/index.json`` for the whole set; the per-image marks are then dropped."""
     import shutil
 
-    with read.atomic_path(pred_dir / "index.json") as tmp:
-        tmp.write_text(json.dumps(records, indent=1, default=str))
+    write.write_json(pred_dir / "index.json", records, indent=1)
     shutil.rmtree(pred_dir / RECORDS, ignore_errors=True)
 
 
@@ -163,10 +160,10 @@ def predict(cfg, plan: Plan, samples: list[read.Sample], shapes: dict, model_pat
     """
     import ray
 
-    from .dataset import grid_rows, ray_dataset, spatial_shape
-    from .stitch import ImageAccumulator
-    from .tasks import get_task
-    from .tile import grid_overlap, tile_grid
+    from instantdl_ray.data.dataset import grid_rows, ray_dataset, spatial_shape
+    from instantdl_ray.predict.stitch import ImageAccumulator
+    from instantdl_ray.tasks import get_task
+    from instantdl_ray.data.tile import grid_overlap, tile_grid
 
     why = checkpoint_problem(model_path)
     if why is not None:  # said before any actor starts, and before predictions/ exists
@@ -278,16 +275,16 @@ def _write_pixel(s: read.Sample, out: dict, pred_dir: Path, unc_dir: Path) -> di
     pred = out["prediction"]
     size = read.pixel_size(s.image)  # outputs keep the input's scale (Fiji, napari)
     # a thresholded prediction is a 0/1 mask: written with a LUT that shows it in Fiji
-    path = read.write_tiff(pred_dir / f"{s.stem}.tif", pred, pixel_size=size, binary=out.get("threshold") is not None)
+    path = write.write_tiff(pred_dir / f"{s.stem}.tif", pred, pixel_size=size, binary=out.get("threshold") is not None)
     rec = {"name": s.stem, "image": str(s.image), "prediction": str(path), "uncertainty": None,
            "groundtruth": s.groundtruth}
     if out.get("uncertainty") is not None:
         u = out["uncertainty"]
-        rec["uncertainty"] = str(read.write_tiff(unc_dir / f"{s.stem}.tif", u.astype(np.float32), pixel_size=size))
+        rec["uncertainty"] = str(write.write_tiff(unc_dir / f"{s.stem}.tif", u.astype(np.float32), pixel_size=size))
         rec["mean_uncertainty"] = float(np.mean(u))
     if out.get("mutual_information") is not None:
         path = unc_dir / f"{s.stem}{MI_SUFFIX}.tif"
-        rec["mutual_information"] = str(read.write_tiff(path, out["mutual_information"].astype(np.float32), pixel_size=size))
+        rec["mutual_information"] = str(write.write_tiff(path, out["mutual_information"].astype(np.float32), pixel_size=size))
     if out.get("threshold") is not None:
         rec["threshold"] = out["threshold"]
     if "scores" in out and pred.ndim >= 2:
@@ -300,42 +297,6 @@ def _write_pixel(s: read.Sample, out: dict, pred_dir: Path, unc_dir: Path) -> di
 # ---------------------------------------------------------------- large images, block by block
 
 MI_SUFFIX = "_mutual_information"  # uncertainty/<stem>.tif: predictive entropy; <stem>_mutual_information.tif: BALD
-TIFF_TILE = 512  # tiles of the BigTIFFs written for large images (= stitch.STREAM_BLOCK in-plane)
-
-
-def _output_zarr(path: Path, lead: tuple[int, ...], spatial: tuple[int, ...], dtype):
-    """A chunked zarr for a prediction ``(*lead, *spatial)``: one TIFF tile per chunk (z = 1)."""
-    import zarr
-
-    chunks = (1,) * len(lead) + (1,) * (len(spatial) - 2) + tuple(min(TIFF_TILE, n) for n in spatial[-2:])
-    if path.exists():
-        import shutil
-
-        shutil.rmtree(path)
-    return zarr.create_array(store=str(path), shape=lead + spatial, chunks=chunks, dtype=dtype,
-                             fill_value=0, overwrite=True)
-
-
-def write_tiff_tiles(path: Path, arr, pixel_size: dict[str, float] | None = None) -> Path:
-    """Write a lazily sliceable array ``(..., Y, X)`` (zarr) as a tiled BigTIFF from an iterator
-    of ``TIFF_TILE``² tiles (one plane at a time, rows of tiles in order), atomically like
-    ``read.write_tiff``: the file never holds more than one tile in RAM on the way. The pixel size
-    (µm) goes into the standard resolution tags (ImageJ's own format has no tiles)."""
-    import tifffile
-
-    shape = tuple(arr.shape)
-    ny, nx = shape[-2:]
-
-    def tiles():
-        for lead in np.ndindex(*shape[:-2]):
-            for y in range(0, ny, TIFF_TILE):
-                for x in range(0, nx, TIFF_TILE):
-                    yield np.asarray(arr[lead + (slice(y, y + TIFF_TILE), slice(x, x + TIFF_TILE))])
-
-    with read.atomic_path(path, ".tif") as tmp:
-        tifffile.imwrite(tmp, tiles(), shape=shape, dtype=arr.dtype, tile=(TIFF_TILE, TIFF_TILE), bigtiff=True,
-                         **read.tiff_metadata(arr.dtype, len(shape), pixel_size, imagej=False))
-    return path
 
 
 def _write_blockwise(s: read.Sample, acc, task, plan: Plan, pred_dir: Path, unc_dir: Path) -> dict:
@@ -351,30 +312,30 @@ def _write_blockwise(s: read.Sample, acc, task, plan: Plan, pred_dir: Path, unc_
         p = out["prediction"]
         lead = p.shape[: p.ndim - len(b)]
         if pred_z is None:
-            pred_z = _output_zarr(pred_dir / f"{s.stem}.zarr", lead, acc.shape, p.dtype)
+            pred_z = write.output_zarr(pred_dir / f"{s.stem}.zarr", lead, acc.shape, p.dtype)
         pred_z[(slice(None),) * len(lead) + b] = p
         u = out.get("uncertainty")
         if u is not None:
             ulead = u.shape[: u.ndim - len(b)]
             if unc_z is None:
-                unc_z = _output_zarr(unc_dir / f"{s.stem}.zarr", ulead, acc.shape, np.float32)
+                unc_z = write.output_zarr(unc_dir / f"{s.stem}.zarr", ulead, acc.shape, np.float32)
             unc_z[(slice(None),) * len(ulead) + b] = u
             u_sum += float(np.sum(u, dtype=np.float64))
             u_n += u.size
         mi = out.get("mutual_information")
         if mi is not None:
             if mi_z is None:
-                mi_z = _output_zarr(unc_dir / f"{s.stem}{MI_SUFFIX}.zarr", (), acc.shape, np.float32)
+                mi_z = write.output_zarr(unc_dir / f"{s.stem}{MI_SUFFIX}.zarr", (), acc.shape, np.float32)
             mi_z[b] = mi
     size = read.pixel_size(s.image)
-    rec = {"name": s.stem, "image": str(s.image), "prediction": str(write_tiff_tiles(pred_dir / f"{s.stem}.tif", pred_z, size)),
+    rec = {"name": s.stem, "image": str(s.image), "prediction": str(write.write_tiff_tiles(pred_dir / f"{s.stem}.tif", pred_z, size)),
            "uncertainty": None, "groundtruth": s.groundtruth, "prediction_zarr": str(pred_dir / f"{s.stem}.zarr")}
     if unc_z is not None:
-        rec["uncertainty"] = str(write_tiff_tiles(unc_dir / f"{s.stem}.tif", unc_z, size))
+        rec["uncertainty"] = str(write.write_tiff_tiles(unc_dir / f"{s.stem}.tif", unc_z, size))
         rec["uncertainty_zarr"] = str(unc_dir / f"{s.stem}.zarr")
         rec["mean_uncertainty"] = u_sum / max(u_n, 1)
     if mi_z is not None:
-        rec["mutual_information"] = str(write_tiff_tiles(unc_dir / f"{s.stem}{MI_SUFFIX}.tif", mi_z, size))
+        rec["mutual_information"] = str(write.write_tiff_tiles(unc_dir / f"{s.stem}{MI_SUFFIX}.tif", mi_z, size))
     if stats.get("threshold") is not None:
         rec["threshold"] = stats["threshold"]
     return rec
@@ -386,7 +347,7 @@ def _write_labels_blockwise(s: read.Sample, acc, pred_dir: Path) -> dict:
     objects table with areas and bounding boxes summed over blocks."""
     n = acc.next_label - 1
     dtype = np.uint16 if n <= np.iinfo(np.uint16).max else np.uint32
-    pred_z = _output_zarr(pred_dir / f"{s.stem}.zarr", (), acc.shape, dtype)
+    pred_z = write.output_zarr(pred_dir / f"{s.stem}.zarr", (), acc.shape, dtype)
     nd = len(acc.shape)
     area = np.zeros(n + 1, np.int64)
     lo = np.full((nd, n + 1), np.iinfo(np.int64).max, np.int64)
@@ -403,14 +364,10 @@ def _write_labels_blockwise(s: read.Sample, acc, pred_dir: Path) -> dict:
             c = coords[d].astype(np.int64) + b[d].start
             np.minimum.at(lo[d], ids, c)
             np.maximum.at(hi[d], ids, c + 1)
-    path = write_tiff_tiles(pred_dir / f"{s.stem}.tif", pred_z, read.pixel_size(s.image))
-    with open(pred_dir / f"{s.stem}_objects.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        axes = "zyx"[-nd:]
-        w.writerow(["id", "score", "area"] + [f"{a}_min" for a in axes] + [f"{a}_max" for a in axes])
-        for i in np.nonzero(area)[0]:
-            w.writerow([int(i), f"{acc.object_scores.get(int(i), float('nan')):.4f}", int(area[i]),
-                        *[int(x) for x in lo[:, i]], *[int(x) for x in hi[:, i]]])
+    path = write.write_tiff_tiles(pred_dir / f"{s.stem}.tif", pred_z, read.pixel_size(s.image))
+    write.write_csv(pred_dir / f"{s.stem}_objects.csv", _objects_header(nd),
+                    ([int(i), f"{acc.object_scores.get(int(i), float('nan')):.4f}", int(area[i]),
+                      *[int(x) for x in lo[:, i]], *[int(x) for x in hi[:, i]]] for i in np.nonzero(area)[0]))
     return {"name": s.stem, "image": str(s.image), "prediction": str(path), "uncertainty": None,
             "groundtruth": s.groundtruth, "prediction_zarr": str(pred_dir / f"{s.stem}.zarr")}
 
@@ -419,13 +376,14 @@ def _write_objects_csv(labels: np.ndarray, scores: dict, path: Path) -> None:
     """One row per object: id, score, area, bounding box (InstantDL users read these in Excel)."""
     from skimage.measure import regionprops
 
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        nd = labels.ndim
-        axes = "zyx"[-nd:]
-        w.writerow(["id", "score", "area"] + [f"{a}_min" for a in axes] + [f"{a}_max" for a in axes])
-        for r in regionprops(labels.astype(np.int64)):
-            w.writerow([r.label, f"{scores.get(r.label, float('nan')):.4f}", int(r.area), *r.bbox])
+    write.write_csv(path, _objects_header(labels.ndim),
+                    ([r.label, f"{scores.get(r.label, float('nan')):.4f}", int(r.area), *r.bbox]
+                     for r in regionprops(labels.astype(np.int64))))
+
+
+def _objects_header(nd: int) -> list[str]:
+    axes = "zyx"[-nd:]
+    return ["id", "score", "area"] + [f"{a}_min" for a in axes] + [f"{a}_max" for a in axes]
 
 
 def _write_classification(s: read.Sample, out: dict) -> dict:
@@ -435,12 +393,8 @@ def _write_classification(s: read.Sample, out: dict) -> dict:
 
 
 def _write_predictions_csv(records: list[dict], plan: Plan, path: Path) -> None:
-    with read.atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["filename", "prediction"] + [f"prob_{c}" for c in plan.class_names]
-                   + (["uncertainty"] if any(r["uncertainty"] is not None for r in records) else []))
-        for r in sorted(records, key=lambda r: r["name"]):
-            row = [r["name"], r["prediction"]] + [f"{p:.6f}" for p in r["prob"]]
-            if r["uncertainty"] is not None:
-                row.append(f"{r['uncertainty']:.6f}")
-            w.writerow(row)
+    header = (["filename", "prediction"] + [f"prob_{c}" for c in plan.class_names]
+              + (["uncertainty"] if any(r["uncertainty"] is not None for r in records) else []))
+    write.write_csv(path, header, ([r["name"], r["prediction"]] + [f"{p:.6f}" for p in r["prob"]]
+                                   + ([f"{r['uncertainty']:.6f}"] if r["uncertainty"] is not None else [])
+                                   for r in sorted(records, key=lambda r: r["name"])))

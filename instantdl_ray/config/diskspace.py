@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import InstantDLError
+from instantdl_ray.errors import InstantDLError
 
 MARGIN = 64 * 2**20  # logs, plan, figures, TensorBoard: small, but never nothing
 CHECKPOINTS_KEPT = 3  # Ray Train keeps 2 (num_to_keep) and writes the next before deleting one
@@ -84,8 +84,8 @@ def check(needs: dict[str, tuple[Path, int]]) -> None:
 def run_needs(cfg, plan, samples, shapes: dict, run_dir: Path, train: bool) -> dict[str, tuple[Path, int]]:
     """What a run writes where: checkpoints (when ``train``, to a local storage path) and the
     predictions of ``samples`` (``shapes``: image path -> shape as stored)."""
-    from .dataset import spatial_shape
-    from .tasks import get_task
+    from instantdl_ray.data.dataset import spatial_shape
+    from instantdl_ray.tasks import get_task
 
     task = get_task(plan.task)
     needs: dict[str, tuple[Path, int]] = {}

@@ -28,7 +28,7 @@ from typing import Any, Union
 
 import numpy as np
 
-from . import read
+from instantdl_ray.io import read, write
 
 Progress = Callable[[int, int], None]  # progress(done, total)
 Chunks = Union[int, Sequence[Union[int, None]]]
@@ -208,7 +208,7 @@ def instances_from_binary(src: Path, dst: Path, *, watershed: bool = False, min_
                 if isinstance(s.groundtruth, Path):
                     labels = binary_to_labels(_mask_array(s.groundtruth), watershed=watershed,
                                               min_distance=min_distance, min_size=min_size)
-                    read.write_tiff(tmp / split / "groundtruth" / f"{s.stem}.tif", labels)
+                    write.write_tiff(tmp / split / "groundtruth" / f"{s.stem}.tif", labels)
                     c["groundtruth"] += 1
                     c["objects"] += int(labels.max())
                 done += 1

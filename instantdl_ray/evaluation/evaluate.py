@@ -2,7 +2,7 @@
 
 Semantic segmentation and regression are evaluated **blockwise**: each pair is opened lazily
 (``dask.array.from_zarr`` for zarr, memory-mapped or chunked TIFF reads for TIFF), every block
-yields a small summable state (:mod:`instantdl_ray.metrics`), and the states add up to the image's
+yields a small summable state (:mod:`instantdl_ray.evaluation.metrics`), and the states add up to the image's
 state and then the dataset's. Memory stays at a few blocks per thread, so a 16384 x 16384 pair
 evaluates like a 256 x 256 one, only longer (measured on 2 cores: a 16384^2 uint8 pair in ~6 s at
 ~340 MB peak RSS, outputs included). Regression SSIM is not summable: it runs as a second blockwise
@@ -21,7 +21,6 @@ Outputs, under ``<run_dir>/evaluation/``: ``results.json``, ``per_image.csv``,
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -30,9 +29,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from . import metrics as M
-from .errors import ConfigError, DataError
-from .read import atomic_path, infer_axes, open_array, read_instance_masks, read_raw
+from instantdl_ray.evaluation import metrics as M
+from instantdl_ray.errors import ConfigError, DataError
+from instantdl_ray.io import write
+from instantdl_ray.io.read import infer_axes, open_array, read_instance_masks, read_raw
 
 TASKS = ("semantic", "instance", "regression", "classification")
 _TASK_ALIASES = {
@@ -55,8 +55,6 @@ MIN_CHUNK = 16  # a trailing block is merged into its neighbour below this (SSIM
 MAX_FIGURES = 20
 VIEW_EDGE = 512  # figure views are strided down to about this many pixels per side
 NOT_BOOTSTRAPPED = ("n_gt", "n_pred")
-STACK_TILE_FROM = 4096 * 4096  # planes above this many pixels go into the stack as tiles
-STACK_TILE = 1024
 
 
 # ---------------------------------------------------------------- public entry
@@ -103,18 +101,18 @@ def evaluate(
     out = run_dir / "evaluation"
     out.mkdir(parents=True, exist_ok=True)
     results = _results(task_key, ev, bootstrap_draws)
-    ev.per_image.to_csv(out / "per_image.csv", index=False)
+    write.write_dataframe(out / "per_image.csv", ev.per_image)
     if task_key != "classification":
         write_prediction_stack(out / "predictions_stack.tif", [it["prediction"] for it in items])
         results["files"]["predictions_stack"] = "predictions_stack.tif"
     # metrics are on disk before plotting starts, so a figure problem never loses them
-    _write_json(out / "results.json", results)
+    write.write_json(out / "results.json", results)
 
-    from .report import write_report
+    from instantdl_ray.evaluation.report import write_report
 
     figures = write_report(run_dir, results, ev.per_image, ev.figures)
     results["files"]["figures"] = [p.relative_to(out).as_posix() for p in figures]
-    _write_json(out / "results.json", results)
+    write.write_json(out / "results.json", results)
     return results
 
 
@@ -543,7 +541,7 @@ def _evaluate_pixels(task: str, items: list[dict], num_classes: int, compute_kw:
     import pandas as pd
     from dask import delayed
 
-    from .report import FigureInputs, Panel
+    from instantdl_ray.evaluation.report import FigureInputs, Panel
 
     _check_pixel_items(task, items)
     # shapes come from file headers: every mismatch is reported before any pixel is read
@@ -723,7 +721,7 @@ def _prob_columns(columns: Sequence[str], class_names: dict[int, str] | None) ->
 def _evaluate_classification(run_dir: Path, items: list[dict], class_names: dict[int, str] | None) -> _Evaluation:
     import pandas as pd
 
-    from .report import FigureInputs
+    from instantdl_ray.evaluation.report import FigureInputs
 
     csv_path = run_dir / "predictions" / "predictions.csv"
     if not csv_path.exists():
@@ -831,7 +829,7 @@ def _evaluate_classification(run_dir: Path, items: list[dict], class_names: dict
 
 
 def _results(task: str, ev: _Evaluation, draws: int) -> dict:
-    from .metrics import bootstrap
+    from instantdl_ray.evaluation.metrics import bootstrap
 
     per_image_mean = {c: _nanmean(ev.per_image[c]) for c in ev.metric_columns}
     boot = {}
@@ -862,93 +860,9 @@ def _results(task: str, ev: _Evaluation, draws: int) -> dict:
     return out
 
 
-def _jsonable(x: Any) -> Any:
-    # strict JSON has no NaN: undefined metrics become null
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, np.ndarray):
-        return _jsonable(x.tolist())
-    if isinstance(x, (np.integer,)):
-        return int(x)
-    if isinstance(x, (float, np.floating)):
-        return float(x) if math.isfinite(x) else None
-    return x
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    with atomic_path(path, ".json") as tmp:
-        tmp.write_text(json.dumps(_jsonable(obj), indent=2))
-
-
 def write_prediction_stack(path: Path, predictions: Sequence[str | Path]) -> Path:
-    """All predictions as one ``(N, [C|Z,] Y, X)`` TIFF, zero-padded to a common shape (Fiji / napari).
-
-    Written plane by plane; planes over ``STACK_TILE_FROM`` pixels are written as 1024^2 tiles from
-    1024-row bands, so a whole-slide prediction never sits in memory at once (tiled TIFFs open in
-    napari and in Fiji through Bio-Formats). ``read.write_tiff`` takes a whole array, hence tifffile
-    directly, with the same temp-file + rename.
-    """
-    import tifffile
-
-    path = Path(path)
-    arrays = []
-    for p in predictions:
-        a = open_lazy(p)
-        keep = _kept_axes(a.shape) or [a.ndim - 1]
-        arrays.append((a, keep, tuple(a.shape[i] for i in keep)))
-    nd = max(2, max(len(s) for _, _, s in arrays))
-    shapes = [(1,) * (nd - len(s)) + s for _, _, s in arrays]
-    common = tuple(max(s[i] for s in shapes) for i in range(nd))
-    dtype = np.result_type(*[a.dtype for a, _, _ in arrays])
-    ny, nx = common[-2:]
-    tiled = ny * nx > STACK_TILE_FROM
-    tile = STACK_TILE
-
-    def rows(a: Any, keep: list[int], s: tuple, full: tuple, lead: tuple, y0: int, y1: int) -> np.ndarray | None:
-        """Rows ``y0:y1`` of one plane of a file, or None where the plane is padding."""
-        if not all(i < n for i, n in zip(lead, full[:-2])) or y0 >= full[-2]:
-            return None
-        idx: list[Any] = [0] * a.ndim
-        # map the padded leading index back onto the file's own (squeezed) axes
-        own = lead[len(lead) - (len(s) - 2):] if len(s) > 2 else ()
-        for ax, i in zip(keep[:-2], own):
-            idx[ax] = i
-        if len(keep) >= 2:
-            idx[keep[-2]] = slice(y0, min(y1, full[-2]))
-        idx[keep[-1]] = slice(None)
-        return np.asarray(a[tuple(idx)]).reshape(-1, full[-1])
-
-    def chunks():
-        for (a, keep, s), full in zip(arrays, shapes):
-            for lead in np.ndindex(*common[:-2]):
-                for y0 in range(0, ny, tile if tiled else ny):
-                    y1 = min(y0 + (tile if tiled else ny), ny)
-                    band = np.zeros((y1 - y0, nx), dtype=dtype)
-                    got = rows(a, keep, s, full, lead, y0, y1)
-                    if got is not None:
-                        band[: got.shape[0], : got.shape[1]] = got
-                    if not tiled:
-                        yield band
-                        continue
-                    for x0 in range(0, nx, tile):
-                        yield band[:, x0 : x0 + tile]
-
-    shape = (len(arrays),) + common
-    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
-    with atomic_path(path, ".tif") as tmp:
-        tifffile.imwrite(
-            tmp,
-            data=chunks(),
-            shape=shape,
-            dtype=dtype,
-            photometric="minisblack",
-            bigtiff=nbytes > 2**31,
-            tile=(tile, tile) if tiled else None,
-            metadata={"axes": "Q" * (len(shape) - 2) + "YX"},
-        )
-    return path
+    """All predictions as one ``(N, [C|Z,] Y, X)`` TIFF (``write.write_stack``), read lazily."""
+    return write.write_stack(path, [open_lazy(p) for p in predictions])
 
 
 # ---------------------------------------------------------------- small helpers
@@ -957,7 +871,7 @@ def write_prediction_stack(path: Path, predictions: Sequence[str | Path]) -> Pat
 def _task_name(task: str) -> str:
     key = str(task).replace("_", "").replace("-", "").replace(" ", "").lower()
     if key not in _TASK_ALIASES:
-        from .registry import did_you_mean
+        from instantdl_ray.registry import did_you_mean
 
         raise ConfigError(f"unknown task '{task}'; choose one of {list(TASKS)}." + did_you_mean(str(task), TASKS))
     return _TASK_ALIASES[key]

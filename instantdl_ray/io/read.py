@@ -12,10 +12,7 @@ Supported layouts (``<root>/<split>/`` with split in ``train`` / ``test``):
 
 from __future__ import annotations
 
-import contextlib
 import csv
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -441,28 +438,6 @@ def read_target(sample: Sample) -> np.ndarray:
     return read_raw(gt)
 
 
-# ---------------------------------------------------------------- writers
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | Path, suffix: str = ""):
-    """Yield a temporary path next to ``path``; on success it becomes ``path`` (rename, with the
-    usual permissions), on an exception it is removed. A crash never leaves a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=suffix or path.suffix, dir=path.parent, prefix=".tmp-")
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 # ---------------------------------------------------------------- pixel size
 
 _UM_PER_UNIT = {"m": 1e6, "cm": 1e4, "mm": 1e3, "um": 1.0, "µm": 1.0, "micron": 1.0, "microns": 1.0,
@@ -526,50 +501,3 @@ def _tiff_pixel_size(path: Path) -> dict[str, float] | None:
         unit = int(tags["ResolutionUnit"].value) if "ResolutionUnit" in tags else 2
         um = {2: 25400.0, 3: 1e4}.get(unit)  # 1 = no unit: a ratio, no size
         return None if um is None else {"y": um / yres, "x": um / xres}
-
-
-# ImageJ's own TIFF flavour holds its unit, spacing and LUTs; it takes these pixel types only
-IMAGEJ_DTYPES = (np.uint8, np.uint16, np.float32)
-
-
-def binary_lut() -> np.ndarray:
-    """An ImageJ LUT (3 x 256, uint8) that shows 0 black and every other value white, so a 0/1
-    mask is visible in Fiji without changing its values."""
-    lut = np.full((3, 256), 255, np.uint8)
-    lut[:, 0] = 0
-    return lut
-
-
-def tiff_metadata(dtype, ndim: int, size: dict[str, float] | None, binary: bool = False,
-                  imagej: bool = True) -> dict[str, Any]:
-    """``tifffile.imwrite`` keywords that carry ``size`` (µm, from ``pixel_size``) and, for a
-    binary mask, a black/white LUT: ImageJ's format (unit µm, Z spacing) where its pixel types
-    allow, else the standard resolution tags in pixels per centimetre."""
-    kw: dict[str, Any] = {}
-    if imagej and np.dtype(dtype).type in IMAGEJ_DTYPES and ndim in (2, 3):
-        meta: dict[str, Any] = {"axes": "YX" if ndim == 2 else "ZYX"}
-        if size:
-            kw["resolution"] = (1.0 / size["x"], 1.0 / size["y"])
-            meta["unit"] = "um"
-            if ndim == 3 and size.get("z"):
-                meta["spacing"] = size["z"]
-        if binary:
-            meta["LUTs"] = [binary_lut()]
-        kw.update(imagej=True, metadata=meta)
-    elif size:
-        kw.update(resolution=(1e4 / size["x"], 1e4 / size["y"]), resolutionunit="CENTIMETER")
-    return kw
-
-
-def write_tiff(path: str | Path, array: np.ndarray, pixel_size: dict[str, float] | None = None,
-               binary: bool = False, **kwargs: Any) -> Path:
-    """Write atomically (temp file + rename), so a crash never leaves a half-written TIFF; with
-    the pixel size (µm) and, for a 0/1 mask (``binary``), a LUT that Fiji shows (``tiff_metadata``)."""
-    import tifffile
-
-    path = Path(path)
-    array = np.asarray(array)
-    meta = tiff_metadata(array.dtype, array.ndim, pixel_size, binary) if (pixel_size or binary) else {}
-    with atomic_path(path, ".tif") as tmp:
-        tifffile.imwrite(tmp, array, **{**meta, **kwargs})
-    return path

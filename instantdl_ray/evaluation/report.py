@@ -18,6 +18,8 @@ from urllib.parse import quote
 
 import numpy as np
 
+from instantdl_ray.io import write
+
 FIGURES = "figures"
 _LAYER_TITLES = {
     "input": "input",
@@ -104,7 +106,7 @@ def write_report(run_dir: Path, results: dict, per_image: Any, figures: FigureIn
         _scatter_figure(figures.uncertainty, figures.error, figures.error_label, results.get("uncertainty", {}), p)
         written.append(("Uncertainty vs error per image", p))
 
-    (out / "report.html").write_text(_html(results, per_image, written, out), encoding="utf-8")
+    write.write_text(out / "report.html", _html(results, per_image, written, out))
     return [p for _, p in written]
 
 
@@ -195,7 +197,7 @@ def _panel_figure(panel: Panel, kind: str, legend: str, path: Path) -> None:
             if c == 0:
                 ax.set_ylabel("Y" if view == "yx" else "Z (x-z view)", fontsize=8)
     fig.suptitle(panel.name, fontsize=11)
-    fig.savefig(path)
+    write.write_figure(fig, path)
 
 
 def _boxplot_columns(results: dict, per_image: Any) -> list[str]:
@@ -226,7 +228,7 @@ def _boxplots(per_image: Any, cols: Sequence[str], path: Path) -> None:
             ax.plot(np.random.default_rng(0).normal(1, 0.04, v.size), v, ".", alpha=0.5, color="tab:blue")
         ax.set_title(c, fontsize=10)
         ax.set_xticks([])
-    fig.savefig(path)
+    write.write_figure(fig, path)
 
 
 def _roc_figure(roc: dict, auc: dict, path: Path) -> None:
@@ -242,7 +244,7 @@ def _roc_figure(roc: dict, auc: dict, path: Path) -> None:
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1.01)
     ax.legend(fontsize=8, loc="lower right")
-    fig.savefig(path)
+    write.write_figure(fig, path)
 
 
 def _confusion_figure(cm: np.ndarray, names: Sequence[str] | None, path: Path) -> None:
@@ -263,7 +265,7 @@ def _confusion_figure(cm: np.ndarray, names: Sequence[str] | None, path: Path) -
             for j in range(k):
                 ax.text(j, i, f"{shown[i, j]:.2f}\n({cm[i, j]})", ha="center", va="center", fontsize=7,
                         color="white" if shown[i, j] > 0.5 else "black")
-    fig.savefig(path)
+    write.write_figure(fig, path)
 
 
 def _thumbnail_figure(thumbs: list, path: Path) -> None:
@@ -275,7 +277,7 @@ def _thumbnail_figure(thumbs: list, path: Path) -> None:
         ax = fig.add_subplot(nrow, ncol, i + 1)
         _show(ax, img, "input", "values", None, fig)
         ax.set_title(f"{name}\ntrue {true} / pred {pred}", fontsize=7, color="green" if true == pred else "red")
-    fig.savefig(path)
+    write.write_figure(fig, path)
 
 
 def _scatter_figure(unc: np.ndarray, err: np.ndarray, label: str, stats: dict, path: Path) -> None:
@@ -287,7 +289,7 @@ def _scatter_figure(unc: np.ndarray, err: np.ndarray, label: str, stats: dict, p
     r = stats.get("spearman_uncertainty_vs_error")
     if r is not None:
         ax.set_title(f"Spearman r = {_fmt(r)}", fontsize=10)
-    fig.savefig(path)
+    write.write_figure(fig, path)
 
 
 # ---------------------------------------------------------------- HTML

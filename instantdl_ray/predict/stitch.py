@@ -57,7 +57,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from .tile import Tile, blend_weights
+from instantdl_ray.data.tile import Tile, blend_weights
 
 IN_MEMORY_LIMIT = 64 * 2**20  # spatial elements (8192²); above this an image is stitched streaming
 STREAM_BLOCK = 512  # in-plane block edge of the streaming path: zarr chunks, finalize blocks, TIFF tiles

@@ -8,7 +8,6 @@ interrupted run continues where it stopped.
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 import time
@@ -17,9 +16,10 @@ from typing import Any
 
 import numpy as np
 
-from .errors import TrainingError
-from .plan import Plan
-from .read import atomic_path
+from instantdl_ray.errors import TrainingError
+from instantdl_ray.config.plan import Plan
+from instantdl_ray.io import write
+from instantdl_ray.io.write import atomic_path
 
 MODEL_FILE = "model.pt"  # current weights
 BEST_FILE = "best.pt"  # best weights so far
@@ -229,7 +229,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict | None:
     try:
         return _train_loop(config)
     except Exception as e:
-        from .errors import permanent_failure
+        from instantdl_ray.errors import permanent_failure
 
         kind = permanent_failure(e)
         if kind is None:
@@ -243,7 +243,7 @@ def _give_up(config: dict[str, Any], e: Exception, kind: str) -> dict:
 
     import ray.train
 
-    from .errors import InstantDLError
+    from instantdl_ray.errors import InstantDLError
 
     rank, world = ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()
     msg = "; ".join(e.problems) if isinstance(e, InstantDLError) else f"{type(e).__name__}: {e}"
@@ -270,7 +270,7 @@ def _train_loop(config: dict[str, Any]) -> dict | None:
     import ray.train.torch
     import torch
 
-    from .tasks import get_task
+    from instantdl_ray.tasks import get_task
 
     plan = Plan.from_json(config["plan"])
     task = get_task(plan.task)
@@ -317,7 +317,7 @@ def _train_loop(config: dict[str, Any]) -> dict | None:
     else:
         best_state = None
         if config.get("pretrained_weights"):
-            from .weights import load_pretrained
+            from instantdl_ray.models.weights import load_pretrained
 
             info = load_pretrained(model, config["pretrained_weights"], model_name=plan.model, log=log,
                                    trust=bool(config.get("trust_pretrained_weights")))
@@ -484,7 +484,7 @@ def fit(cfg, plan: Plan, inv, run_dir: Path, resources, augment_params, resume: 
 
     import torch
 
-    from .dataset import grid_rows, ray_dataset, training_rows
+    from instantdl_ray.data.dataset import grid_rows, ray_dataset, training_rows
 
     storage: str | Path
     if cfg.ray.storage_path and "://" in cfg.ray.storage_path:
@@ -513,7 +513,7 @@ def fit(cfg, plan: Plan, inv, run_dir: Path, resources, augment_params, resume: 
         return _export_best(latest_checkpoint(storage), run_dir, [])
     fg = None
     if cfg.foreground_sampling > 0:
-        from .dataset import foreground_maps
+        from instantdl_ray.data.dataset import foreground_maps
 
         t = time.time()
         fg = foreground_maps(train_samples, inv.image_shapes, plan)
@@ -575,7 +575,7 @@ def fit(cfg, plan: Plan, inv, run_dir: Path, resources, augment_params, resume: 
         log(f"training stopped: {message}")  # run.log; the worker's own line went to train.log
         if kind == "input":
             raise TrainingError([message])
-        from .errors import RunFailed
+        from instantdl_ray.errors import RunFailed
 
         why = {"disk": "the file system refused a write (free space or fix permissions)",
                "code": "an error in the program, not in a lost worker"}.get(kind, kind)
@@ -634,6 +634,6 @@ def _export_best(ckpt_dir: Path, run_dir: Path, history: list[dict]) -> Path:
     if history:
         import pandas as pd
 
-        pd.DataFrame(history).to_csv(run_dir / "logs" / "history.csv", index=False)
-        (run_dir / "logs" / "history.json").write_text(json.dumps(history, indent=1))
+        write.write_dataframe(run_dir / "logs" / "history.csv", pd.DataFrame(history))
+        write.write_json(run_dir / "logs" / "history.json", history, indent=1)
     return best_dir / MODEL_FILE
