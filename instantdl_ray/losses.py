@@ -33,7 +33,6 @@ LossFn = Callable[[object, torch.Tensor], torch.Tensor]
 
 LOSSES = Registry("loss")
 
-TASKS = ("semantic", "instance", "regression", "classification")
 
 
 def _seg_target(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -215,19 +214,22 @@ def maskrcnn(num_classes: int) -> LossFn:
 
 # ---------------------------------------------------------------- task table
 
-_SEGMENTATION = (
-    "dice_crossentropy", "dice", "binary_crossentropy", "categorical_crossentropy", "tversky", "focal",
-    # InstantDL compatibility: its semantic default was mse on sigmoid outputs; make_loss applies
-    # the same sigmoid/softmax first.
-    "mse", "mae",
-)
-_CANONICAL = {
-    "semantic": _SEGMENTATION,
-    "regression": ("mse", "mae"),
-    "classification": ("categorical_crossentropy", "binary_crossentropy", "focal"),
-    # Mask R-CNN trains on its own losses whatever is named; the caller warns about the others.
-    "instance": ("maskrcnn", *[n for n in LOSSES.names() if n != "maskrcnn"]),
-}
+# Which losses fit which task is the task's choice (``Task.losses``, ``default_loss``,
+# ``probability_losses``, ``own_loss``); these tables are read off the task registry.
+from instantdl_ray.tasks import TASKS as _TASK_REGISTRY  # noqa: E402
+from instantdl_ray.tasks import get_task  # noqa: E402
+
+TASKS = tuple(_TASK_REGISTRY.names())
+
+
+def _task_losses(task: str) -> tuple[str, ...]:
+    t = get_task(task)
+    if t.losses is None:  # any registered loss, its own first
+        return (t.own_loss or t.default_loss, *[n for n in LOSSES.names() if n != (t.own_loss or t.default_loss)])
+    return tuple(t.losses)
+
+
+_CANONICAL = {task: _task_losses(task) for task in TASKS}
 
 
 def _with_aliases(names: tuple[str, ...]) -> tuple[str, ...]:
@@ -239,12 +241,7 @@ def _with_aliases(names: tuple[str, ...]) -> tuple[str, ...]:
 # ``name.lower() in ALLOWED_LOSSES[task]`` check agrees with make_loss.
 ALLOWED_LOSSES: dict[str, tuple[str, ...]] = {task: _with_aliases(n) for task, n in _CANONICAL.items()}
 
-DEFAULT_LOSS: dict[str, str] = {
-    "semantic": "dice_crossentropy",
-    "regression": "mse",
-    "classification": "categorical_crossentropy",
-    "instance": "maskrcnn",
-}
+DEFAULT_LOSS: dict[str, str] = {task: get_task(task).default_loss for task in TASKS}
 
 
 def _on_probabilities(base: LossFn) -> LossFn:
@@ -288,18 +285,17 @@ def make_loss(name: str | None, task: str, num_classes: int) -> LossFn:
         ])
     if LOSSES.canonical(name) not in allowed:
         # A real loss in the wrong task: a spelling suggestion would mislead, so say where it fits.
-        fits = [t for t in TASKS if t != "instance" and LOSSES.canonical(name) in _CANONICAL[t]]
+        fits = [t for t in TASKS if get_task(t).losses is not None and LOSSES.canonical(name) in _CANONICAL[t]]
         raise ConfigError([
             f"loss_function: '{name}' does not fit the {task} task (it is for {', '.join(fits)}); "
             f"choose one of {list(allowed)}."
         ])
     if int(num_classes) < 1:
         raise ConfigError([f"num_classes: must be >= 1, got {num_classes}."])
-    canonical = LOSSES.canonical(name)
-    if task == "instance":
-        canonical = "maskrcnn"
+    t = get_task(task)
+    canonical = t.own_loss or LOSSES.canonical(name)
     fn = LOSSES.get(canonical)(int(num_classes))
-    if task == "semantic" and canonical in ("mse", "mae"):
+    if canonical in t.probability_losses:
         fn = _on_probabilities(fn)
     return fn
 

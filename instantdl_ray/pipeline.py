@@ -369,12 +369,14 @@ def decide(cfg: Config, plan: Plan, run_dir: Path, log: Callable) -> dict:
 def evaluate_run(run_dir: Path, cfg: Config, plan: Plan, records: list[dict], log: Callable) -> dict:
     """Evaluate predictions against test groundtruth, when the test split has it."""
     from instantdl_ray.evaluation.evaluate import evaluate
+    from instantdl_ray.tasks import get_task
 
     items = [r for r in records if r.get("groundtruth") is not None]
     if not items:
         log("evaluation skipped: the test split has no groundtruth")
         return {}
-    if plan.task == "classification":
+    task = get_task(plan.task)
+    if not task.pixelwise:
         items = [{"name": r["name"], "groundtruth": r["groundtruth"]} for r in items]
     else:
         aug = plan.extra.get("augment", {})
@@ -383,9 +385,8 @@ def evaluate_run(run_dir: Path, cfg: Config, plan: Plan, records: list[dict], lo
                   "groundtruth": r["groundtruth"], "uncertainty": r.get("uncertainty"),
                   "target_clean": {"threshold": thresholds.get(str(r["image"])) if aug.get("threshold_background_groundtruth") else None,
                                    "binarize": bool(aug.get("binarize_mask"))}} for r in items]
-    num_classes = plan.num_classes if plan.task != "instance" else 1
-    names = dict(enumerate(plan.class_names)) if plan.task == "classification" else None
-    results = evaluate(run_dir, plan.task, items, num_classes=num_classes, class_names=names)
+    names = None if task.pixelwise else dict(enumerate(plan.class_names))
+    results = evaluate(run_dir, task, items, num_classes=task.evaluation_classes(plan), class_names=names)
     log(f"evaluation: {run_dir / 'evaluation'}")
     return results.get("summary", {})
 

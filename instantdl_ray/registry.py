@@ -73,3 +73,6 @@ class Registry:
 
     def names(self) -> list[str]:
         return sorted(self._entries)
+
+    def aliases(self) -> list[str]:
+        return sorted(self._aliases)

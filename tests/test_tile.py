@@ -238,7 +238,7 @@ def test_foreground_sampling_centres_tiles_on_sparse_labels():
     from instantdl_ray.data import dataset
     from instantdl_ray.io import read
 
-    plan = SimpleNamespace(tile_shape=[64, 64], image_size=None, axes="YX")
+    plan = SimpleNamespace(tile_shape=[64, 64], image_size=None, axes="YX", task="semantic")
     samples = [read.Sample(name="a", image="a.tif", groundtruth="a_gt.tif")]
     shapes = {"a.tif": (2048, 2048)}
     fg = np.zeros((128, 128), np.float32)
@@ -267,7 +267,7 @@ def test_foreground_maps_read_only_labels_of_images_larger_than_a_tile(tmp_path)
     lab = np.zeros((200, 100), np.uint8)
     lab[150, 50] = 1
     tifffile.imwrite(tmp_path / "big_gt.tif", lab)
-    plan = SimpleNamespace(tile_shape=[64, 64], axes="YX", target_axes="YX")
+    plan = SimpleNamespace(tile_shape=[64, 64], axes="YX", target_axes="YX", task="semantic")
     samples = [read.Sample(name="big", image="big.tif", groundtruth=tmp_path / "big_gt.tif"),
                read.Sample(name="small", image="small.tif", groundtruth=tmp_path / "missing.tif")]
     maps = dataset.foreground_maps(samples, {"big.tif": (200, 100), "small.tif": (64, 64)}, plan)

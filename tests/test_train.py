@@ -68,15 +68,15 @@ def test_training_stream_reads_a_bounded_amount_ahead():
 
     from instantdl_ray.train.loop import READ_AHEAD_MAX, READ_AHEAD_MIN, _data_config, read_ahead_bytes
 
-    unet = SimpleNamespace(in_channels=1, out_channels=1, tile_shape=[256, 256], image_size=None)
+    unet = SimpleNamespace(in_channels=1, out_channels=1, tile_shape=[256, 256], image_size=None, task="semantic")
     assert read_ahead_bytes(unet, 4) == 16 * 4 * 4 * 2 * 256 * 256  # 16 batches of image + target: 32 MiB
-    tiny = SimpleNamespace(in_channels=1, out_channels=1, tile_shape=[32, 32], image_size=None)
+    tiny = SimpleNamespace(in_channels=1, out_channels=1, tile_shape=[32, 32], image_size=None, task="semantic")
     assert read_ahead_bytes(tiny, 4) == READ_AHEAD_MIN
-    cls = SimpleNamespace(in_channels=3, out_channels=8, tile_shape=[128, 128], image_size=[128, 128])
+    cls = SimpleNamespace(in_channels=3, out_channels=8, tile_shape=[128, 128], image_size=[128, 128], task="classification")
     assert read_ahead_bytes(cls, 16) == 16 * 16 * 4 * 3 * 128 * 128  # no pixel target for classification
-    big = SimpleNamespace(in_channels=2, out_channels=2, tile_shape=[64, 256, 256], image_size=None)
+    big = SimpleNamespace(in_channels=2, out_channels=2, tile_shape=[64, 256, 256], image_size=None, task="semantic")
     assert read_ahead_bytes(big, 2) == READ_AHEAD_MAX
-    huge = SimpleNamespace(in_channels=2, out_channels=2, tile_shape=[128, 512, 512], image_size=None)
+    huge = SimpleNamespace(in_channels=2, out_channels=2, tile_shape=[128, 512, 512], image_size=None, task="semantic")
     assert read_ahead_bytes(huge, 8) == 2 * 8 * 4 * 4 * 128 * 512 * 512  # at least two batches
     dc = _data_config(unet, 4, ["train", "val_0", "val_1"], split=["train"])
     for name in ("train", "val_0", "val_1"):

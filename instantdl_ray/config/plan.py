@@ -326,7 +326,7 @@ def make_plan(cfg, inv) -> Plan:
     if plan.extra["augment"].get("threshold_background_groundtruth") and target_axes:
         plan.extra["target_threshold"] = {str(s.image): target_thresholds(s.groundtruth, target_axes)
                                           for s in samples if isinstance(s.groundtruth, (str, Path))}
-    if task.name == "regression":
+    if task.target_statistics:
         stats = [_target_stats(s, target_axes, plan.extra) for s in inv.samples.get("train", [])[:64]]
         if stats:
             n = np.sum([c for c, _, _ in stats], axis=0)
@@ -338,7 +338,7 @@ def make_plan(cfg, inv) -> Plan:
             plan.out_channels = len(plan.target_mean)
         else:  # predict-only: statistics come from the trained run's plan
             plan.target_mean, plan.target_std = [0.0], [1.0]
-    if task.name == "instance" and plan.model.startswith("maskrcnn"):
+    if task.whole_objects(plan):
         extent = object_extents(inv.samples.get("train", []), target_axes)
         if extent is not None:
             plan.extra["object_extent"] = extent

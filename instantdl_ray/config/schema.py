@@ -17,41 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from instantdl_ray.errors import ConfigError
 from instantdl_ray.registry import did_you_mean
 
-TASK_ALIASES = {
-    "semanticsegmentation": "semantic",
-    "semantic": "semantic",
-    "segmentation": "semantic",
-    "instancesegmentation": "instance",
-    "instance": "instance",
-    "regression": "regression",
-    "classification": "classification",
-}
-TASK_DISPLAY = {
-    "semantic": "SemanticSegmentation",
-    "instance": "InstanceSegmentation",
-    "regression": "Regression",
-    "classification": "Classification",
-}
 
-# InstantDL's data_gen_args (its spelling, typo included) plus a few of ours.
-AUGMENT_DEFAULTS: dict[str, Any] = {
-    "save_augmented_images": False,
-    "resample_images": False,
-    "std_normalization": False,
-    "feature_scaling": False,
-    "horizontal_flip": True,
-    "vertical_flip": True,
-    "poission_noise": False,
-    "rotation_range": False,
-    "zoom_range": False,
-    "contrast_range": False,
-    "brightness_range": False,
-    "gamma_shift": False,
-    "gaussian_blur": False,
-    "threshold_background_image": False,
-    "threshold_background_groundtruth": False,
-    "binarize_mask": False,
-}
 
 Num = Union[bool, float]
 
@@ -80,6 +46,9 @@ class RayConfig(_Strict):
 
 
 class AugmentConfig(_Strict):
+    """InstantDL's data_gen_args (its spelling and order, typo included) plus a few of ours: the one
+    list of augmentation keys and their defaults (``data.augment`` reads it from here)."""
+
     save_augmented_images: bool = False
     resample_images: Union[bool, int, list[int]] = False
     std_normalization: bool = False
@@ -96,6 +65,9 @@ class AugmentConfig(_Strict):
     threshold_background_image: bool = False
     threshold_background_groundtruth: bool = False
     binarize_mask: bool = False
+
+
+AUGMENT_DEFAULTS: dict[str, Any] = AugmentConfig().model_dump()
 
 
 class Config(_Strict):
@@ -136,14 +108,17 @@ class Config(_Strict):
     @field_validator("use_algorithm")
     @classmethod
     def _task(cls, v: str) -> str:
-        key = str(v).replace("_", "").replace("-", "").replace(" ", "").lower()
-        if key not in TASK_ALIASES:
-            choices = list(TASK_DISPLAY.values())
+        from instantdl_ray.registry import UnknownNameError
+        from instantdl_ray.tasks import TASKS, get_task
+
+        try:
+            return get_task(v).display
+        except UnknownNameError:
+            choices = [TASKS.get(n).display for n in TASKS.names()]
             raise ValueError(
-                f"unknown task '{v}'; choose one of {choices} (or semantic, instance, regression, classification)."
-                + did_you_mean(str(v), list(TASK_ALIASES) + choices)
-            )
-        return TASK_DISPLAY[TASK_ALIASES[key]]
+                f"unknown task '{v}'; choose one of {choices} (or {', '.join(TASKS.names())})."
+                + did_you_mean(str(v), [*TASKS.names(), *TASKS.aliases(), *choices])
+            ) from None
 
     @field_validator("axes")
     @classmethod
@@ -183,7 +158,9 @@ class Config(_Strict):
     # -- derived, read-only
     @property
     def task(self) -> str:
-        return TASK_ALIASES[self.use_algorithm.lower()]
+        from instantdl_ray.tasks import task_key
+
+        return task_key(self.use_algorithm)
 
     @property
     def epochs(self) -> int:

@@ -57,8 +57,8 @@ def check_config_choices(cfg: Config) -> list[str]:
 
     problems = []
     task = get_task(cfg.task)
-    if cfg.loss_function is not None and cfg.task != "instance":
-        allowed = ALLOWED_LOSSES[cfg.task]
+    if cfg.loss_function is not None and task.loss_configurable:
+        allowed = ALLOWED_LOSSES[task.name]
         from instantdl_ray.registry import did_you_mean
 
         if cfg.loss_function.lower() not in allowed:
@@ -205,7 +205,7 @@ def validate(cfg: Config) -> Inventory:
             continue
         n_channels.add(shp[inv.axes.index("C")] if "C" in inv.axes else 1)
         tshape = inv.target_shapes.get(str(s.image))
-        if tshape is None or task.name == "classification":
+        if tshape is None or not task.pixelwise:
             continue
         sp = _spatial(shp, inv.axes)
         try:  # the groundtruth's own channel axis (e.g. an RGB PNG mask: YXC), as the plan reads it
@@ -223,8 +223,7 @@ def validate(cfg: Config) -> Inventory:
         problems.append(f"images have different channel counts {sorted(n_channels)}; all images need the same channels")
 
     # label values
-    if task.name in ("semantic", "classification"):
-        problems += _check_labels(cfg, inv)
+    problems += task.check_labels(cfg, inv)
     if task.target_kind == "label":
         problems += _check_foreground(inv)
     inv.class_names = read.read_class_names(root)
@@ -257,31 +256,36 @@ def _check_foreground(inv: Inventory) -> list[str]:
     return []
 
 
-def _check_labels(cfg: Config, inv: Inventory) -> list[str]:
+def check_class_labels(cfg: Config, inv: Inventory) -> list[str]:
+    """Classification (``Classification.check_labels``): the classes of groundtruth.csv."""
     problems = []
-    if cfg.task == "classification":
-        labels = {s.groundtruth for ss in inv.samples.values() for s in ss if isinstance(s.groundtruth, int)}
-        counts: dict[int, int] = {}
-        for s in inv.samples.get("train", []):
-            if isinstance(s.groundtruth, int):
-                counts[s.groundtruth] = counts.get(s.groundtruth, 0) + 1
-        # the model's outputs cover every class named anywhere (test-only ones included, so the
-        # evaluation can count them as the errors they are)
-        inv.label_values = labels
-        only_test = sorted(labels - set(counts)) if counts else []
-        if only_test:
-            inv.warnings.append(f"class(es) {only_test} appear only in test/ (never trained); the model cannot "
-                                "predict them — add training images of them, or they count as errors")
-        rare = sorted(c for c, n in counts.items() if n < 2)
-        if rare:
-            inv.warnings.append(f"class(es) {rare} have fewer than 2 training images; expect the model to miss them")
-        if cfg.num_classes is not None and labels and (max(labels) >= cfg.num_classes or min(labels) < 0):
-            bad = sorted(v for v in labels if v >= cfg.num_classes or v < 0)
-            problems.append(
-                f"num_classes: {cfg.num_classes} but groundtruth.csv has class(es) {bad}; classes must be "
-                f"0..{cfg.num_classes - 1} (or remove num_classes to infer it)"
-            )
-        return problems
+    labels = {s.groundtruth for ss in inv.samples.values() for s in ss if isinstance(s.groundtruth, int)}
+    counts: dict[int, int] = {}
+    for s in inv.samples.get("train", []):
+        if isinstance(s.groundtruth, int):
+            counts[s.groundtruth] = counts.get(s.groundtruth, 0) + 1
+    # the model's outputs cover every class named anywhere (test-only ones included, so the
+    # evaluation can count them as the errors they are)
+    inv.label_values = labels
+    only_test = sorted(labels - set(counts)) if counts else []
+    if only_test:
+        inv.warnings.append(f"class(es) {only_test} appear only in test/ (never trained); the model cannot "
+                            "predict them — add training images of them, or they count as errors")
+    rare = sorted(c for c, n in counts.items() if n < 2)
+    if rare:
+        inv.warnings.append(f"class(es) {rare} have fewer than 2 training images; expect the model to miss them")
+    if cfg.num_classes is not None and labels and (max(labels) >= cfg.num_classes or min(labels) < 0):
+        bad = sorted(v for v in labels if v >= cfg.num_classes or v < 0)
+        problems.append(
+            f"num_classes: {cfg.num_classes} but groundtruth.csv has class(es) {bad}; classes must be "
+            f"0..{cfg.num_classes - 1} (or remove num_classes to infer it)"
+        )
+    return problems
+
+
+def check_label_values(cfg: Config, inv: Inventory) -> list[str]:
+    """Semantic segmentation (``Semantic.check_labels``): mask values are classes that fit num_classes."""
+    problems = []
     values: set = set()
     for ss in inv.samples.values():
         for s in ss:

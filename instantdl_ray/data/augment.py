@@ -66,47 +66,13 @@ from typing import Any, Optional, Union
 import numpy as np
 from scipy import ndimage
 
+from instantdl_ray.config.schema import AugmentConfig
 from instantdl_ray.io import write
 
-# InstantDL's data_gen_args keys, in InstantDL's order, typo included (``poission_noise``).
-AUGMENT_KEYS: tuple[str, ...] = (
-    "save_augmented_images",
-    "resample_images",
-    "std_normalization",
-    "feature_scaling",
-    "horizontal_flip",
-    "vertical_flip",
-    "poission_noise",
-    "rotation_range",
-    "zoom_range",
-    "contrast_range",
-    "brightness_range",
-    "gamma_shift",
-    "gaussian_blur",
-    "threshold_background_image",
-    "threshold_background_groundtruth",
-    "binarize_mask",
-)
-
-# Same values as config.AUGMENT_DEFAULTS (flips on, as in InstantDL's example config).
-DEFAULTS: dict[str, Any] = {
-    "save_augmented_images": False,
-    "resample_images": False,
-    "std_normalization": False,
-    "feature_scaling": False,
-    "horizontal_flip": True,
-    "vertical_flip": True,
-    "poission_noise": False,
-    "rotation_range": False,
-    "zoom_range": False,
-    "contrast_range": False,
-    "brightness_range": False,
-    "gamma_shift": False,
-    "gaussian_blur": False,
-    "threshold_background_image": False,
-    "threshold_background_groundtruth": False,
-    "binarize_mask": False,
-}
+# InstantDL's data_gen_args keys and defaults, in InstantDL's order, typo included
+# (``poission_noise``): one list, the config schema's (flips on, as in InstantDL's example config).
+AUGMENT_KEYS: tuple[str, ...] = tuple(AugmentConfig.model_fields)
+DEFAULTS: dict[str, Any] = AugmentConfig().model_dump()
 
 # What ``True`` means for a numeric key. Python would read True as 1.0, i.e. a 1-degree rotation
 # or a zoom of exactly 1 (no-op); these are the magnitudes a user switching a key "on" expects.

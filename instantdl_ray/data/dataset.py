@@ -236,14 +236,16 @@ def training_rows(
     uniform: sparse objects on a large slide are then seen every epoch.
     """
     from instantdl_ray.data.tile import random_tile_origins
+    from instantdl_ray.tasks import get_task
 
+    pixelwise = get_task(plan.task).pixelwise
     rows = []
     for epoch in epochs:
         rng = np.random.default_rng([seed, epoch])
         epoch_rows = []
         for s in samples:
             sp = spatial_shape(shapes[str(s.image)], plan.axes)
-            n = tiles_per_image(sp, plan.tile_shape, tiles) if plan.image_size is None else 1
+            n = tiles_per_image(sp, plan.tile_shape, tiles) if pixelwise else 1
             fg = foreground.get(str(s.image)) if foreground and foreground_fraction > 0 else None
             if fg is not None and _larger_than_tile(sp, plan.tile_shape):
                 k = int(rng.binomial(n, foreground_fraction))
@@ -268,11 +270,12 @@ def training_rows(
 def grid_rows(samples: list[read.Sample], shapes: dict[str, tuple[int, ...]], plan: Plan, overlap: float) -> list[dict]:
     """Spec rows covering each image with the prediction tile grid (validation / prediction)."""
     from instantdl_ray.data.tile import grid_overlap, tile_grid
+    from instantdl_ray.tasks import get_task
 
     rows = []
     for idx, s in enumerate(samples):
         sp = spatial_shape(shapes[str(s.image)], plan.axes)
-        if plan.image_size is not None:  # classification: one row per image
+        if not get_task(plan.task).pixelwise:  # one row per image (a label per image)
             tiles = [None]
         else:
             ov = grid_overlap(plan, overlap)

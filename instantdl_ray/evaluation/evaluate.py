@@ -34,17 +34,6 @@ from instantdl_ray.errors import ConfigError, DataError
 from instantdl_ray.io import write
 from instantdl_ray.io.read import infer_axes, open_array, read_instance_masks, read_raw
 
-TASKS = ("semantic", "instance", "regression", "classification")
-_TASK_ALIASES = {
-    "semantic": "semantic",
-    "semanticsegmentation": "semantic",
-    "segmentation": "semantic",
-    "instance": "instance",
-    "instancesegmentation": "instance",
-    "regression": "regression",
-    "classification": "classification",
-}
-HEADLINE = {"semantic": "jaccard", "instance": "ap_mean", "regression": "pearson", "classification": "accuracy"}
 SCHEDULERS = ("threads", "synchronous", "ray")
 
 # Blocks of about CHUNK_EDGE x CHUNK_EDGE pixels (aligned to the stored chunks): regression SSIM
@@ -89,20 +78,20 @@ def evaluate(
     Returns the dict written to ``results.json`` (with ``nan`` where the file has ``null``).
     """
     run_dir = Path(run_dir)
-    task_key = _task_name(task)
+    task = _task(task)
     compute_kw = _compute_kwargs(scheduler)
     if not items:
         raise DataError(f"{run_dir}: no test items to evaluate")
-    if task_key == "classification":
+    if not task.pixelwise:
         ev = _evaluate_classification(run_dir, items, class_names)
     else:
-        ev = _evaluate_pixels(task_key, items, num_classes, compute_kw)
+        ev = _evaluate_pixels(task, items, num_classes, compute_kw)
 
     out = run_dir / "evaluation"
     out.mkdir(parents=True, exist_ok=True)
-    results = _results(task_key, ev, bootstrap_draws)
+    results = _results(task, ev, bootstrap_draws)
     write.write_dataframe(out / "per_image.csv", ev.per_image)
-    if task_key != "classification":
+    if task.pixelwise:
         write_prediction_stack(out / "predictions_stack.tif", [it["prediction"] for it in items])
         results["files"]["predictions_stack"] = "predictions_stack.tif"
     # metrics are on disk before plotting starts, so a figure problem never loses them
@@ -326,11 +315,9 @@ def _open_like(path: str | Path, shape: Sequence[int], what: str, partner: Any) 
 # ---------------------------------------------------------------- per-block / per-image work
 
 
-def _block_state(p: np.ndarray, g: np.ndarray, task: str, num_classes: int, where: str) -> Any:
+def _block_state(p: np.ndarray, g: np.ndarray, task: Any, num_classes: int, where: str) -> Any:
     try:
-        if task == "semantic":
-            return M.SegmentationState.from_arrays(p, g, num_classes)
-        return M.RegressionState.from_arrays(p, g)
+        return task.block_state(p, g, num_classes)
     except ValueError as e:
         raise DataError(f"{where}: {e}") from None
 
@@ -470,16 +457,6 @@ def _input_views(path: str | Path, target_shape: Sequence[int] | None) -> dict[s
     return out
 
 
-def _error_view(task: str, num_classes: int, pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
-    """Signed error for display: +1 false positive / -1 false negative (binary, instance foreground),
-    1 where classes differ (multi-class), prediction - groundtruth (regression)."""
-    if task == "regression":
-        return pred.astype(np.float32) - gt.astype(np.float32)
-    if task == "instance" or num_classes <= 1:
-        return (pred > 0).astype(np.int8) - (gt > 0).astype(np.int8)
-    return (pred != gt).astype(np.int8)
-
-
 # ---------------------------------------------------------------- pixel tasks
 
 
@@ -493,7 +470,7 @@ class _Evaluation:
     notes: list[str] = field(default_factory=list)
 
 
-def _check_pixel_items(task: str, items: list[dict]) -> None:
+def _check_pixel_items(task: Any, items: list[dict]) -> None:
     problems: list[str] = []
     seen: set[str] = set()
     for i, it in enumerate(items):
@@ -509,7 +486,7 @@ def _check_pixel_items(task: str, items: list[dict]) -> None:
                 problems.append(f"{name}: no '{key}' path")
                 continue
             paths = v if isinstance(v, (list, tuple)) else [v]
-            if isinstance(v, (list, tuple)) and (task != "instance" or key != "groundtruth"):
+            if isinstance(v, (list, tuple)) and not (task.groundtruth_masks and key == "groundtruth"):
                 problems.append(f"{name}: '{key}' is a list; only instance groundtruth may be per-object masks")
             if not paths:
                 problems.append(f"{name}: '{key}' is an empty list of masks")
@@ -524,20 +501,7 @@ def _check_pixel_items(task: str, items: list[dict]) -> None:
         raise DataError(problems, title="Cannot evaluate")
 
 
-ERROR_OF = {
-    "semantic": ("jaccard", "1 - jaccard"),
-    "instance": ("ap_mean", "1 - ap_mean"),
-    "regression": ("mae", "mae"),
-}
-
-
-def _per_image_error(task: str, m: dict) -> float:
-    key, _ = ERROR_OF[task]
-    v = m.get(key, math.nan)
-    return v if task == "regression" else 1.0 - v
-
-
-def _evaluate_pixels(task: str, items: list[dict], num_classes: int, compute_kw: dict) -> _Evaluation:
+def _evaluate_pixels(task: Any, items: list[dict], num_classes: int, compute_kw: dict) -> _Evaluation:
     import pandas as pd
     from dask import delayed
 
@@ -551,7 +515,7 @@ def _evaluate_pixels(task: str, items: list[dict], num_classes: int, compute_kw:
     for it in items:
         pair, u = None, None
         try:
-            if task != "instance":
+            if not task.whole_image_evaluation:
                 pair = open_pair(it["prediction"], it["groundtruth"], clean_spec(it.get("target_clean")))
             ref_shape = pair.pred.shape if pair is not None else open_lazy(it["prediction"]).shape
             if it.get("uncertainty") is not None:
@@ -569,7 +533,7 @@ def _evaluate_pixels(task: str, items: list[dict], num_classes: int, compute_kw:
     for i, (it, pair, u) in enumerate(zip(items, opened, uncs)):
         want = i < MAX_FIGURES
         job: dict[str, Any] = {}
-        if task == "instance":
+        if task.whole_image_evaluation:
             job["result"] = delayed(_instance_image, pure=True)(it["prediction"], it["groundtruth"], want)
             ref_shape = open_lazy(it["prediction"]).shape
         else:
@@ -598,15 +562,13 @@ def _evaluate_pixels(task: str, items: list[dict], num_classes: int, compute_kw:
         states.append(state)
         rows.append({"name": it["name"], **m})
 
-    notes: list[str] = []
-    if task == "regression":
+    notes: list[str] = list(task.evaluation_notes)
+    if "ssim" in task.image_metrics:
         # second pass: SSIM needs each groundtruth's value range, known only after the first
         ssims = _compute_all([_ssim_lazy(p, s.data_range) for p, s in zip(pairs, states)], compute_kw)
         for row, v in zip(rows, ssims):
             row["ssim"] = float(v)
         notes.append("ssim: 2-D SSIM per (Y, X) plane (skimage, 7-pixel window, data_range from the groundtruth), mean over planes and images")
-    if task == "instance":
-        notes.append("instance metrics are computed per whole image (object matching needs whole label images)")
 
     has_unc = any("uncertainty" in j for j in done)
     if has_unc:
@@ -616,17 +578,17 @@ def _evaluate_pixels(task: str, items: list[dict], num_classes: int, compute_kw:
     per_image = pd.DataFrame(rows)
     metric_columns = [c for c in per_image.columns if c not in ("name", "uncertainty", *NOT_BOOTSTRAPPED)]
     summary = sum(states).finalize()
-    if task == "regression":
+    if "ssim" in task.image_metrics:
         summary["ssim"] = _nanmean(per_image["ssim"])
 
     uncertainty = None
-    err = np.array([_per_image_error(task, r) for r in rows], dtype=np.float64)
+    err = np.array([task.per_image_error(r) for r in rows], dtype=np.float64)
     unc = per_image["uncertainty"].to_numpy(dtype=np.float64) if has_unc else None
     if has_unc:
         uncertainty = {
             "per_image_mean": _nanmean(unc),
             "spearman_uncertainty_vs_error": M.uncertainty_error_correlation(unc, err),
-            "error": ERROR_OF[task][1] + " per image",
+            "error": task.error_metric[1] + " per image",
             "n_images": int(np.isfinite(unc).sum()),
         }
 
@@ -634,13 +596,10 @@ def _evaluate_pixels(task: str, items: list[dict], num_classes: int, compute_kw:
     for it, job, ref_shape in zip(items, done, ref_shapes):
         if len(panels) >= MAX_FIGURES:
             break
-        views = job.get("views") if task != "instance" else job["result"][2]
+        views = job["result"][2] if task.whole_image_evaluation else job.get("views")
         if views is None:
             continue
-        pv, gv = views["prediction"], views["groundtruth"]
-        if task == "semantic" and num_classes <= 1:
-            gv = {k: (v > 0).astype(np.uint8) for k, v in gv.items()}
-            pv = {k: (v > 0).astype(np.uint8) for k, v in pv.items()}
+        pv, gv = task.display_views(views["prediction"], views["groundtruth"], num_classes)
         layers: dict[str, dict[str, np.ndarray]] = {}
         if it.get("image") is not None:
             iv = _input_views(it["image"], ref_shape)
@@ -648,7 +607,7 @@ def _evaluate_pixels(task: str, items: list[dict], num_classes: int, compute_kw:
                 layers["input"] = iv
         layers["groundtruth"] = gv
         layers["prediction"] = pv
-        layers["error"] = {k: _error_view(task, num_classes, np.asarray(pv[k]), np.asarray(gv[k])) for k in pv}
+        layers["error"] = {k: task.error_view(np.asarray(pv[k]), np.asarray(gv[k]), num_classes) for k in pv}
         if "unc_views" in job:
             layers["uncertainty"] = job["unc_views"]
         panels.append(Panel(name=str(it["name"]), layers=layers))
@@ -657,13 +616,9 @@ def _evaluate_pixels(task: str, items: list[dict], num_classes: int, compute_kw:
         panels=panels,
         uncertainty=unc,
         error=err if has_unc else None,
-        error_label=ERROR_OF[task][1],
-        label_kind={"semantic": "classes", "instance": "instances", "regression": "values"}[task],
-        error_legend=(
-            "prediction - groundtruth"
-            if task == "regression"
-            else "wrong class" if task == "semantic" and num_classes > 1 else "red: false pos., blue: false neg."
-        ),
+        error_label=task.error_metric[1],
+        label_kind=task.label_kind,
+        error_legend=task.error_legend(num_classes),
     )
     return _Evaluation(summary, per_image, metric_columns, uncertainty, figures, notes)
 
@@ -828,23 +783,20 @@ def _evaluate_classification(run_dir: Path, items: list[dict], class_names: dict
 # ---------------------------------------------------------------- results and files
 
 
-def _results(task: str, ev: _Evaluation, draws: int) -> dict:
+def _results(task: Any, ev: _Evaluation, draws: int) -> dict:
     from instantdl_ray.evaluation.metrics import bootstrap
 
-    per_image_mean = {c: _nanmean(ev.per_image[c]) for c in ev.metric_columns}
-    boot = {}
-    for c in ev.metric_columns:
-        key = "accuracy" if (task == "classification" and c == "correct") else c
-        boot[key] = bootstrap(ev.per_image[c].to_numpy(dtype=np.float64), n_draws=draws)
-    if task == "classification":
-        per_image_mean["accuracy"] = per_image_mean.pop("correct")
-    metric = HEADLINE[task]
-    if task == "instance":
-        headline = {"metric": metric, "value": per_image_mean[metric], "aggregation": "mean over images (DSB2018 score)"}
+    name = task.metric_names.get
+    per_image_mean = {name(c, c): _nanmean(ev.per_image[c]) for c in ev.metric_columns}
+    boot = {name(c, c): bootstrap(ev.per_image[c].to_numpy(dtype=np.float64), n_draws=draws)
+            for c in ev.metric_columns}
+    metric = task.headline
+    if task.headline_per_image:
+        headline = {"metric": metric, "value": per_image_mean[metric], "aggregation": task.headline_aggregation}
     else:
         headline = {"metric": metric, "value": ev.summary.get(metric), "aggregation": "pooled over the test set"}
     out = {
-        "task": task,
+        "task": task.name,
         "n_images": int(len(ev.per_image)),
         "headline": headline,
         "summary": ev.summary,
@@ -868,13 +820,17 @@ def write_prediction_stack(path: Path, predictions: Sequence[str | Path]) -> Pat
 # ---------------------------------------------------------------- small helpers
 
 
-def _task_name(task: str) -> str:
-    key = str(task).replace("_", "").replace("-", "").replace(" ", "").lower()
-    if key not in _TASK_ALIASES:
-        from instantdl_ray.registry import did_you_mean
+def _task(task: Any) -> Any:
+    """The task object of a name (any spelling a config may use) or the task itself."""
+    from instantdl_ray.registry import UnknownNameError
+    from instantdl_ray.tasks import Task, get_task
 
-        raise ConfigError(f"unknown task '{task}'; choose one of {list(TASKS)}." + did_you_mean(str(task), TASKS))
-    return _TASK_ALIASES[key]
+    if isinstance(task, Task):
+        return task
+    try:
+        return get_task(task)
+    except UnknownNameError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _compute_kwargs(scheduler: str) -> dict:

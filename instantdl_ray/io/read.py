@@ -334,7 +334,10 @@ def discover(root: str | Path, split: str, task: str) -> tuple[list[Sample], lis
     if not split_dir.is_dir():
         return [], [f"{split_dir}: folder missing; expected {split_dir}/image/ (and groundtruth/)"]
 
-    if task == "instance" and has_instance_folder_layout(split_dir):
+    from instantdl_ray.tasks import get_task
+
+    task = get_task(task)
+    if task.groundtruth_masks and has_instance_folder_layout(split_dir):
         for d in sorted(p for p in split_dir.iterdir() if p.is_dir()):
             imgs = sorted(p for p in (d / "image").glob("*") if is_image(p)) if (d / "image").is_dir() else []
             if len(imgs) != 1:
@@ -361,7 +364,7 @@ def discover(root: str | Path, split: str, task: str) -> tuple[list[Sample], lis
         problems.append(f"{image_dir}: no images found (supported: {', '.join(IMAGE_SUFFIXES)})")
         return [], problems
 
-    if task != "classification":  # outputs are <stem>.tif: two images of one stem would overwrite each other
+    if task.pixelwise:  # outputs are <stem>.tif: two images of one stem would overwrite each other
         by_stem: dict[str, list[Path]] = {}
         for p in images:
             by_stem.setdefault(_stem(p), []).append(p)
@@ -370,7 +373,7 @@ def discover(root: str | Path, split: str, task: str) -> tuple[list[Sample], lis
                 problems.append(f"{image_dir}: {' and '.join(q.name for q in same)} share the name '{stem}' (their "
                                 f"groundtruth and predictions would be one file); rename or remove all but one")
     need_gt = split == "train"
-    if task == "classification":
+    if not task.pixelwise:  # one class per image, from groundtruth/groundtruth.csv
         csv_path = gt_dir / CSV_NAME
         if not csv_path.exists():
             if need_gt:

@@ -177,7 +177,7 @@ def predict(cfg, plan: Plan, samples: list[read.Sample], shapes: dict, model_pat
     samples = [s for s in samples if s.stem not in done]
     if not samples:
         return sorted(records, key=lambda r: r["name"])
-    passes = cfg.mc_passes if cfg.calculate_uncertainty and not plan.model.startswith("maskrcnn") else 1
+    passes = cfg.mc_passes if cfg.calculate_uncertainty and get_task(plan.task).mc_dropout(plan) else 1
     rows = grid_rows(samples, shapes, plan, cfg.tile_overlap)
     ds = ray_dataset(rows, plan, with_target=False, rows_per_block=4)
     # the checkpoint's bytes, not a loaded state dict: the driver never imports torch for this

@@ -11,15 +11,22 @@ from instantdl_ray.tasks.semantic import categorical_entropy
 @TASKS.register("classification")
 class Classification(Task):
     name = "classification"
+    display = "Classification"
     target_kind = None
     models = ("resnet50", "resnet18")
+    losses = ("categorical_crossentropy", "binary_crossentropy", "focal")
+    default_loss = "categorical_crossentropy"
     default_dropout = 0.5
-    headline = "val_accuracy"
     pixelwise = False
+    headline = "accuracy"
+    metric_names = {"correct": "accuracy"}
+
+    def check_labels(self, cfg, inv):
+        from instantdl_ray.config.validate import check_class_labels
+
+        return check_class_labels(cfg, inv)
 
     def plan_fields(self, cfg, inv):
-        from instantdl_ray.losses import DEFAULT_LOSS
-
         named = set((inv.class_names or {}).keys())  # classes.txt may name classes with no image yet
         known = set(inv.label_values) | named
         n = cfg.num_classes or (max(known) + 1 if known else 2)
@@ -29,7 +36,7 @@ class Classification(Task):
             out_channels=n,
             num_classes=n,
             class_names=[names.get(i, str(i)) for i in range(n)],
-            loss=(cfg.loss_function or DEFAULT_LOSS["classification"]).lower(),
+            loss=(cfg.loss_function or self.default_loss).lower(),
         )
 
     def loss(self, model, batch, loss_fn):

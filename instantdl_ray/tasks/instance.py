@@ -97,16 +97,40 @@ def _rgb(x):
     return x if x.shape[1] == 3 else x[:, :1].repeat(1, 3, 1, 1)
 
 
-@TASKS.register("instance")
+@TASKS.register("instance", aliases=("instancesegmentation",))
 class Instance(Task):
     name = "instance"
+    display = "InstanceSegmentation"
     target_kind = "label"
     models = ("maskrcnn", "maskrcnn_resnet18_fpn", "unet")
-    headline = "val_jaccard"
+    losses = None  # any registered loss: Mask R-CNN trains on its own; the U-Net on the one named
+    default_loss = "maskrcnn"
+    own_loss = "maskrcnn"  # make_loss(..., "instance", ...) is always Mask R-CNN's loss sum
+    loss_configurable = False
+    headline = "ap_mean"
+    headline_per_image = True
+    headline_aggregation = "mean over images (DSB2018 score)"
+    error_metric = ("ap_mean", "1 - ap_mean")
+    label_kind = "instances"
+    whole_image_evaluation = True
+    groundtruth_masks = True
+    evaluation_notes = ("instance metrics are computed per whole image (object matching needs whole label images)",)
+
+    def evaluation_classes(self, plan) -> int:
+        return 1  # labels: evaluated as objects, never as classes
 
     @staticmethod
     def is_maskrcnn(plan) -> bool:
         return plan.model.startswith("maskrcnn")
+
+    def mc_dropout(self, plan) -> bool:
+        return not self.is_maskrcnn(plan)  # detections carry scores, not dropout samples
+
+    def unused_parameters(self, plan) -> bool:
+        return self.is_maskrcnn(plan)  # heads without a target in a batch get no gradient
+
+    def whole_objects(self, plan) -> bool:
+        return self.is_maskrcnn(plan)  # detections are whole objects; the watershed path merges pieces
 
     def plan_fields(self, cfg, inv):
         model = cfg.model or self.models[0]

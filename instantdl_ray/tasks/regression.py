@@ -18,19 +18,39 @@ def _shape_c(values, ndim):
 @TASKS.register("regression")
 class Regression(Task):
     name = "regression"
+    display = "Regression"
     target_kind = "continuous"
     models = ("unet",)
-    headline = "val_neg_mse"
+    losses = ("mse", "mae")
+    default_loss = "mse"
+    target_statistics = True
+    headline = "pearson"
+    error_metric = ("mae", "mae")
+    label_kind = "values"
+    image_metrics = ("ssim",)
 
     def plan_fields(self, cfg, inv):
-        from instantdl_ray.losses import DEFAULT_LOSS
-
         return dict(
             out_channels=1,  # set from the target's channels when the plan is made
             num_classes=1,
             class_names=[],
-            loss=(cfg.loss_function or DEFAULT_LOSS["regression"]).lower(),
+            loss=(cfg.loss_function or self.default_loss).lower(),
         )
+
+    # ---- evaluation
+    def block_state(self, pred, gt, num_classes):
+        from instantdl_ray.evaluation import metrics as M
+
+        return M.RegressionState.from_arrays(pred, gt)
+
+    def per_image_error(self, metrics):
+        return metrics.get("mae", float("nan"))
+
+    def error_view(self, pred, gt, num_classes):
+        return pred.astype(np.float32) - gt.astype(np.float32)
+
+    def error_legend(self, num_classes):
+        return "prediction - groundtruth"
 
     def prepare_target(self, target, plan):
         mean = _shape_c(plan.target_mean, target.ndim)

@@ -71,24 +71,60 @@ def categorical_entropy(p, dim: int):
     return -(p * torch.log(p)).sum(dim, keepdim=True) / math.log(max(k, 2))
 
 
-@TASKS.register("semantic")
+SEGMENTATION_LOSSES = (
+    "dice_crossentropy", "dice", "binary_crossentropy", "categorical_crossentropy", "tversky", "focal",
+    # InstantDL compatibility: its semantic default was mse on sigmoid outputs; make_loss applies
+    # the same sigmoid/softmax first (``probability_losses``).
+    "mse", "mae",
+)
+
+
+@TASKS.register("semantic", aliases=("semanticsegmentation", "segmentation"))
 class Semantic(Task):
     name = "semantic"
+    display = "SemanticSegmentation"
     target_kind = "label"
     models = ("unet",)
-    headline = "val_jaccard"
+    losses = SEGMENTATION_LOSSES
+    default_loss = "dice_crossentropy"
+    probability_losses = ("mse", "mae")
+    headline = "jaccard"
+    error_metric = ("jaccard", "1 - jaccard")
 
     def plan_fields(self, cfg, inv):
         n = cfg.num_classes or 1
-        from instantdl_ray.losses import DEFAULT_LOSS
-
         return dict(
             out_channels=n,
             num_classes=n,
             class_names=["background", "foreground"] if n == 1 else [str(i) for i in range(n)],
-            loss=(cfg.loss_function or DEFAULT_LOSS["semantic"]).lower(),
+            loss=(cfg.loss_function or self.default_loss).lower(),
             extra={"binary_values": sorted(inv.label_values)},
         )
+
+    def check_labels(self, cfg, inv):
+        from instantdl_ray.config.validate import check_label_values
+
+        return check_label_values(cfg, inv)
+
+    # ---- evaluation
+    def block_state(self, pred, gt, num_classes):
+        from instantdl_ray.evaluation import metrics as M
+
+        return M.SegmentationState.from_arrays(pred, gt, num_classes)
+
+    def error_view(self, pred, gt, num_classes):
+        if num_classes > 1:
+            return (pred != gt).astype(np.int8)  # 1 where the classes differ
+        return super().error_view(pred, gt, num_classes)
+
+    def error_legend(self, num_classes):
+        return "wrong class" if num_classes > 1 else super().error_legend(num_classes)
+
+    def display_views(self, pred_views, gt_views, num_classes):
+        if num_classes > 1:
+            return pred_views, gt_views
+        binary = lambda views: {k: (v > 0).astype(np.uint8) for k, v in views.items()}  # noqa: E731
+        return binary(pred_views), binary(gt_views)
 
     def prepare_target(self, target, plan):
         t = target[:1]

@@ -324,7 +324,7 @@ def _train_loop(config: dict[str, Any]) -> dict | None:
             log(f"pretrained weights: {len(info['loaded'])} tensors loaded, {len(info['skipped'])} skipped")
 
     model = ray.train.torch.prepare_model(
-        model, parallel_strategy_kwargs={"find_unused_parameters": plan.model.startswith("maskrcnn")}
+        model, parallel_strategy_kwargs={"find_unused_parameters": task.unused_parameters(plan)}
     )
     opt = torch.optim.Adam(model.parameters(), lr=float(config["lr"]))
     if opt_state is not None:
@@ -600,7 +600,9 @@ def read_ahead_bytes(plan: Plan, batch_size: int) -> int:
     epoch's rows, so it would read and augment many epochs ahead of the trainer, taking CPU from
     training and holding (or spilling) GBs of tiles — see ``benchmarks/train_overhead.py``.
     """
-    target_ch = 0 if plan.image_size is not None else max(1, plan.out_channels)  # classification: a label
+    from instantdl_ray.tasks import get_task
+
+    target_ch = max(1, plan.out_channels) if get_task(plan.task).pixelwise else 0  # else a label per image
     batch = 4 * batch_size * (plan.in_channels + target_ch) * int(np.prod(plan.tile_shape))
     return int(max(np.clip(READ_AHEAD_BATCHES * batch, READ_AHEAD_MIN, READ_AHEAD_MAX), 2 * batch))
 
