@@ -205,19 +205,6 @@ def test_blur_3d_is_in_plane():
     assert out[0, 2].sum() == pytest.approx(1.0, rel=1e-3)
 
 
-def test_resample():
-    rng = np.random.default_rng(4)
-    image = rng.random((2, 30, 40)).astype(np.float32)
-    out = A.resample(image, (15, 20), order=1)
-    assert out.shape == (2, 15, 20) and out.dtype == np.float32
-    label = rng.integers(0, 5, (1, 4, 30, 40)).astype(np.uint16)
-    lab = A.resample(label, (8, 60, 20), order=0)
-    assert lab.shape == (1, 8, 60, 20) and lab.dtype == np.uint16
-    assert set(np.unique(lab)) <= set(range(5))
-    with pytest.raises(ValueError):
-        A.resample(image, (10,))
-
-
 # --- normalize / params ------------------------------------------------------------------------
 
 
@@ -329,13 +316,6 @@ def test_augment_batch_classification_and_missing_seed():
     assert "target" not in out
     with pytest.raises(KeyError):
         A.augment_batch({"image": batch["image"]}, AugmentParams.from_dict({}))
-
-
-def test_sample_seed_distinct_and_stable():
-    seeds = {A.sample_seed(42, epoch, i) for epoch in range(3) for i in range(100)}
-    assert len(seeds) == 300
-    assert A.sample_seed(42, 1, 2) == A.sample_seed(42, 1, 2)
-    assert 0 <= A.sample_seed(1, 2) < 2**63
 
 
 def test_save_examples(tmp_path):

@@ -19,7 +19,6 @@ from instantdl_ray.io.read import (
     read_instance_masks,
     read_label_csv,
     read_raw,
-    read_target,
     to_channel_first,
 )
 
@@ -405,7 +404,7 @@ def test_discover_instance_folder_layout(tmp_path):
     assert [x.name for x in samples] == ["id1", "id2"]
     assert samples[0].image == tmp_path / "train" / "id1" / "image" / "id1.png"
     assert [p.name for p in samples[0].groundtruth] == ["m0.png", "m1.png"]
-    lab = read_target(samples[0])
+    lab = read_instance_masks(samples[0].groundtruth)
     assert lab.dtype == np.uint16 and lab.shape == s and set(np.unique(lab)) == {0, 1, 2}
 
 

@@ -4,7 +4,7 @@ Layout of this module, from the bottom up:
 
 1. One pure function per augmentation (``flip``, ``rotate``, ``zoom``, ``gaussian_blur``,
    ``adjust_contrast``, ``adjust_brightness``, ``gamma_shift``, ``poisson_noise``,
-   ``threshold_background``, ``binarize``, ``resample``).
+   ``threshold_background``, ``binarize``).
    Arrays follow the package convention: image ``(C, Y, X)`` or ``(C, Z, Y, X)`` float32, target
    ``(Ct, <same spatial>)`` or ``None``. Every random quantity is an argument, so these functions
    are deterministic.
@@ -46,8 +46,8 @@ key                                 meaning
 ``std_normalization``               per image and channel: zero mean, unit std (statistics of the
                                     whole image from the plan, ``plan.image_percentiles``)
 ``feature_scaling``                 per image and channel: min-max to [0, 1] (likewise)
-``resample_images``                 kept as given (bool / int / tuple of ints); the reader resamples
-                                    to the planned shape with ``resample`` before tiling
+``resample_images``                 refused at validation unless off (tiles are read at the images'
+                                    own resolution)
 ``save_augmented_images``           kept; the caller writes previews with ``save_examples``
 =================================  ==============================================================
 
@@ -259,33 +259,6 @@ def zoom(
         kind = "label" if target_order == 0 else "continuous"
         out_tgt = _map_spatial(target, kind, target_order, scale)
     return out_img, out_tgt
-
-
-def resample(array: np.ndarray, shape: Sequence[int], order: int = 1) -> np.ndarray:
-    """Resize the spatial axes of ``array`` (C, [Z,] Y, X) to ``shape`` ([Z,] Y, X).
-
-    order 1 (images, continuous targets) anti-aliases when shrinking; order 0 (labels) picks
-    nearest values so label ids survive. Keeps dtype and value range (no rescaling to [0, 1]).
-    """
-    from skimage.transform import resize
-
-    shape = tuple(int(s) for s in shape)
-    if len(shape) != array.ndim - 1:
-        raise ValueError(
-            f"shape {shape} must name every spatial axis of an array of shape {array.shape}"
-        )
-    if shape == array.shape[1:]:
-        return array.copy()
-    shrinking = any(s < a for s, a in zip(shape, array.shape[1:]))
-    out = resize(
-        array,
-        (array.shape[0],) + shape,
-        order=order,
-        mode="reflect",
-        preserve_range=True,
-        anti_aliasing=bool(order > 0 and shrinking),
-    )
-    return out.astype(array.dtype, copy=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -549,13 +522,6 @@ def augment(
 # Ray batch wrappers
 
 
-def sample_seed(base_seed: int, *keys: int) -> int:
-    """A well-mixed 63-bit seed for one row, e.g. ``sample_seed(cfg.seed, epoch, row_index)``.
-    Give rows new seeds every epoch, or every epoch repeats the same augmentations."""
-    state = np.random.SeedSequence([int(base_seed), *(int(k) for k in keys)]).generate_state(2)
-    return int((int(state[0]) << 31) ^ int(state[1])) & ((1 << 63) - 1)
-
-
 def _rows(column: Any) -> list:
     """Per-sample arrays of a numpy batch column: (B, ...) array or object array / list."""
     if isinstance(column, np.ndarray) and column.dtype != object:
@@ -591,7 +557,7 @@ def augment_batch(
     if seed_key not in batch:
         raise KeyError(
             f"batch has no {seed_key!r} column (columns: {sorted(batch)}); add per-row seeds, "
-            "e.g. sample_seed(cfg.seed, epoch, row_index)"
+            "as dataset.training_rows gives every row"
         )
     images = batch["image"]
     seeds = np.asarray(batch[seed_key]).reshape(-1)

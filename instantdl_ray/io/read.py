@@ -431,16 +431,6 @@ def read_instance_masks(masks: Sequence[Path]) -> np.ndarray:
     return label
 
 
-def read_target(sample: Sample) -> np.ndarray:
-    """The groundtruth of a pixel task as stored (label image for instance folders)."""
-    gt = sample.groundtruth
-    if isinstance(gt, list):
-        return read_instance_masks(gt)
-    if gt is None or isinstance(gt, int):
-        raise ValueError(f"{sample.image}: no pixel groundtruth")
-    return read_raw(gt)
-
-
 # ---------------------------------------------------------------- pixel size
 
 _UM_PER_UNIT = {"m": 1e6, "cm": 1e4, "mm": 1e3, "um": 1.0, "µm": 1.0, "micron": 1.0, "microns": 1.0,
