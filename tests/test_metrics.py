@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 import pytest
+from scipy import ndimage as ndi
 from scipy import stats
 from skimage.metrics import structural_similarity
 from sklearn import metrics as skm
@@ -384,3 +385,22 @@ def test_expected_calibration_error_hand_computed():
     y2 = np.array([0, 1])
     p2 = np.array([[0.62, 0.38], [0.68, 0.32]])
     assert M.expected_calibration_error(y2, p2) == pytest.approx(abs(0.5 - 0.65))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_panoptic_quality_agrees_with_monai(seed):
+    """Our summable instance state gives the panoptic quality MONAI computes (monai.metrics)."""
+    import torch
+    from monai.metrics import compute_panoptic_quality
+    from skimage.measure import label
+
+    rng = np.random.default_rng(seed)
+    gt = label(ndi.gaussian_filter(rng.random((96, 96)), 3) > 0.52).astype(np.int32)
+    pred = label(ndi.gaussian_filter(rng.random((96, 96)) * 0.3 + (gt > 0), 2) > 0.6).astype(np.int32)
+    assert gt.max() > 3 and pred.max() > 3
+    ours = M.instance_image_metrics(pred, gt)
+    theirs = {name: float(compute_panoptic_quality(torch.from_numpy(pred), torch.from_numpy(gt), metric_name=name,
+                                                   smooth_numerator=0.0))
+              for name in ("pq", "sq", "rq")}
+    for name in ("pq", "sq", "rq"):
+        assert ours[name] == pytest.approx(theirs[name], abs=1e-6), name

@@ -292,3 +292,15 @@ def test_training_epochs_hold_whole_batches_only():
         assert {r["image"] for r in rows} == {str(s.image) for s in samples}  # every image still seen
         assert len({r["seed"] for r in rows}) == len(rows)  # filled-up rows get their own augmentation
     assert len(dataset.training_rows(samples, shapes, plan, 0, range(1))) == 5  # nothing added without need
+
+
+@pytest.mark.parametrize("tile", [(64, 64), (48, 80), (16, 32, 32)])
+def test_gaussian_blend_weights_are_monais_importance_map(tile):
+    """blend_weights("gaussian") is MONAI's compute_importance_map (sigma 1/8 of the tile), scaled
+    to a maximum of 1 (kept in NumPy: the stitching process never imports torch)."""
+    from monai.data.utils import compute_importance_map
+
+    ours = blend_weights(tile)
+    theirs = np.asarray(compute_importance_map(tile, mode="gaussian", sigma_scale=0.125, device="cpu"))
+    # the two differ only in where the 1e-3 floor is applied (before or after scaling to max 1): < 1e-4
+    np.testing.assert_allclose(ours, theirs / theirs.max(), atol=1e-4)

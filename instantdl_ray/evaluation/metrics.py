@@ -497,41 +497,43 @@ def instance_image_metrics(pred_labels: np.ndarray, gt_labels: np.ndarray) -> di
 # ---------------------------------------------------------------- classification
 
 
-def _ranks(x: np.ndarray) -> np.ndarray:
-    from scipy.stats import rankdata
-
-    return rankdata(x)  # ties get the average rank, as the Mann-Whitney U needs
+def _both_classes(y_binary: np.ndarray) -> bool:
+    y = np.asarray(y_binary).astype(bool)
+    return bool(y.any() and not y.all())
 
 
 def roc_auc(y_binary: np.ndarray, score: np.ndarray) -> float:
-    """Area under the ROC curve of scores ``(N,)`` for binary labels ``(N,)`` (Mann-Whitney U).
+    """Area under the ROC curve of scores ``(N,)`` for binary labels ``(N,)`` (scikit-learn's
+    ``roc_auc_score``); nan when only one of the two classes is present."""
+    from sklearn.metrics import roc_auc_score
 
-    nan when only one of the two classes is present.
-    """
-    y = np.asarray(y_binary).astype(bool)
-    n_pos = int(y.sum())
-    n_neg = y.size - n_pos
-    if not n_pos or not n_neg:
+    if not _both_classes(y_binary):
         return math.nan
-    r = _ranks(np.asarray(score, dtype=np.float64))
-    return float((r[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+    return float(roc_auc_score(np.asarray(y_binary).astype(bool), np.asarray(score, dtype=np.float64)))
 
 
 def roc_curve(y_binary: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(fpr, tpr)`` at every distinct score, starting at (0, 0); like sklearn's
+    """``(fpr, tpr)`` at every distinct score, starting at (0, 0): scikit-learn's
     ``roc_curve(drop_intermediate=False)``. Empty arrays when a class is missing."""
-    y = np.asarray(y_binary).astype(bool)
-    s = np.asarray(score, dtype=np.float64)
-    n_pos = int(y.sum())
-    n_neg = y.size - n_pos
-    if not n_pos or not n_neg:
+    from sklearn.metrics import roc_curve as sk_roc_curve
+
+    if not _both_classes(y_binary):
         return np.empty(0), np.empty(0)
-    order = np.argsort(-s, kind="mergesort")
-    s, y = s[order], y[order]
-    last = np.r_[np.flatnonzero(np.diff(s)), s.size - 1]  # last index of each distinct score
-    tps = np.cumsum(y)[last]
-    fps = (last + 1) - tps
-    return np.r_[0.0, fps / n_neg], np.r_[0.0, tps / n_pos]
+    fpr, tpr, _ = sk_roc_curve(np.asarray(y_binary).astype(bool), np.asarray(score, dtype=np.float64),
+                               drop_intermediate=False)
+    return fpr, tpr
+
+
+def _balanced_accuracy(y: np.ndarray, pred: np.ndarray) -> float:
+    """scikit-learn's balanced accuracy: mean recall over the classes present in ``y`` (a
+    prediction of a class absent from ``y`` is an error, not a warning)."""
+    import warnings
+
+    from sklearn.metrics import balanced_accuracy_score
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="y_pred contains classes not in y_true")
+        return float(balanced_accuracy_score(y, pred))
 
 
 def _class_name(c: int, class_names: dict[int, str] | Sequence[str] | None) -> str:
@@ -564,13 +566,12 @@ def classification_metrics(
     pred = p.argmax(axis=1)
     cm = np.bincount(y * k + pred, minlength=k * k).reshape(k, k)
     support = cm.sum(axis=1)
-    present = support > 0
-    recall = np.diag(cm)[present] / support[present]
     onehot = np.eye(k)[y]
 
     out: dict[str, Any] = {
         "accuracy": _div(np.diag(cm).sum(), n),
-        "balanced_accuracy": float(recall.mean()) if recall.size else math.nan,
+        # mean recall over the classes present in y_true
+        "balanced_accuracy": _balanced_accuracy(y, pred) if n else math.nan,
     }
     per_class: dict[str, float] = {}
     if k == 2:
@@ -634,13 +635,11 @@ def uncertainty_error_correlation(unc: np.ndarray, err: np.ndarray) -> float:
     e = np.asarray(err, dtype=np.float64).ravel()
     ok = np.isfinite(u) & np.isfinite(e)
     u, e = u[ok], e[ok]
-    if u.size < 2:
+    if u.size < 2 or np.all(u == u[0]) or np.all(e == e[0]):
         return math.nan
-    ru, re = _ranks(u), _ranks(e)
-    ru -= ru.mean()
-    re -= re.mean()
-    den = math.sqrt(float(np.dot(ru, ru)) * float(np.dot(re, re)))
-    return float(np.dot(ru, re) / den) if den > 0 else math.nan
+    from scipy.stats import spearmanr
+
+    return float(spearmanr(u, e).statistic)
 
 
 def expected_calibration_error(y_true: np.ndarray, prob: np.ndarray, n_bins: int = 10) -> float:
