@@ -162,3 +162,55 @@ def make_classification_set(root: Path, n_train=12, n_test=4, shape=(32, 32), se
         (root / split / "groundtruth" / "groundtruth.csv").write_text("\n".join(rows) + "\n")
     (root / "classes.txt").write_text("0\tsingle\n1\tpair\n")
     return root
+
+
+# ---------------------------------------------------------------- whole-slide files, written here
+
+
+def write_aperio_svs(path: Path, rgb: np.ndarray, mpp: float | None = 0.5, downsamples=(4, 16), tile=256) -> Path:
+    """An Aperio-style ``.svs``: tiled JPEG pyramid (level 0 + ``downsamples``) with the Aperio
+    ImageDescription (``MPP = ..``) that OpenSlide recognises as vendor ``aperio``, plus a stripped
+    thumbnail, as scanners write them. ``mpp=None`` leaves the pixel size out."""
+    import tifffile
+
+    h, w = rgb.shape[:2]
+    meta = f"|AppMag = 20|MPP = {mpp}" if mpp is not None else "|AppMag = 20"
+    head = "Aperio Image Library v12.0.15 \r\n"
+    with tifffile.TiffWriter(path) as tw:
+        tw.write(rgb, tile=(tile, tile), compression="jpeg", photometric="rgb", subfiletype=0, metadata=None,
+                 description=f"{head}{w}x{h} [0,0 {w}x{h}] ({tile}x{tile}) JPEG/RGB Q=90{meta}|Filename = test")
+        thumb = np.ascontiguousarray(rgb[::8, ::8])
+        tw.write(thumb, photometric="rgb", compression="jpeg", metadata=None,
+                 description=f"{head}{w}x{h} -> {thumb.shape[1]}x{thumb.shape[0]} - {meta}")
+        for k in downsamples:
+            lv = np.ascontiguousarray(rgb[::k, ::k])
+            tw.write(lv, tile=(tile, tile), compression="jpeg", photometric="rgb", subfiletype=1, metadata=None,
+                     description=f"{head}{w}x{h} -> {lv.shape[1]}x{lv.shape[0]} - {meta}")
+    return path
+
+
+def write_ome_pyramid(path: Path, rgb: np.ndarray, mpp: float | None = 0.5, downsamples=(2, 4), tile=256) -> Path:
+    """An OME-TIFF pyramid: level 0 with the reduced levels as sub-IFDs, ``PhysicalSizeX/Y`` in µm."""
+    import tifffile
+
+    meta = {"axes": "YXS"}
+    if mpp is not None:
+        meta.update(PhysicalSizeX=mpp, PhysicalSizeXUnit="µm", PhysicalSizeY=mpp, PhysicalSizeYUnit="µm")
+    with tifffile.TiffWriter(path, bigtiff=True, ome=True) as tw:
+        tw.write(rgb, subifds=len(downsamples), tile=(tile, tile), photometric="rgb", compression="zlib", metadata=meta)
+        for k in downsamples:
+            tw.write(np.ascontiguousarray(rgb[::k, ::k]), subfiletype=1, tile=(tile, tile), photometric="rgb",
+                     compression="zlib")
+    return path
+
+
+def tissue_image(shape=(1536, 2048), seed=0) -> np.ndarray:
+    """Bright glass with two H&E-like (purple) tissue patches and dark nuclei: (Y, X, 3) uint8."""
+    rng = np.random.default_rng(seed)
+    img = np.full(shape + (3,), 236, np.uint8)
+    img[300:900, 400:1300] = (200, 140, 190)
+    img[1000:1400, 1500:1900] = (190, 130, 180)
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    for cy, cx in rng.integers((320, 420), (880, 1280), (40, 2)):
+        img[(yy - cy) ** 2 + (xx - cx) ** 2 <= 64] = (90, 40, 120)
+    return img

@@ -19,7 +19,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".npy", ".zarr")
+from instantdl_ray.io.slide import SLIDE_SUFFIXES, is_slide  # noqa: E402
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".npy", ".zarr", *SLIDE_SUFFIXES)
 SPLITS = ("train", "test")
 CSV_NAME = "groundtruth.csv"
 # A classification CSV with this many times more rows than images is a master list: extra rows are ignored.
@@ -31,12 +33,18 @@ def is_image(path: Path) -> bool:
 
 
 def open_array(path: str | Path, level: int | str = 0) -> Any:
-    """A lazily sliceable array for ``path`` (zarr / TIFF), or a numpy array for small formats.
+    """A lazily sliceable array for ``path`` (zarr / TIFF / whole-slide image), or a numpy array
+    for small formats.
 
-    zarr groups (OME-Zarr multiscales) resolve to the array at ``level``.
+    zarr groups (OME-Zarr multiscales) and pyramidal TIFFs resolve to the array at ``level``; a
+    slide in a vendor format (``io.slide``) to that pyramid level, ``(Y, X, 3)`` uint8.
     """
     path = Path(path)
     suffix = path.suffix.lower()
+    if is_slide(path):
+        from instantdl_ray.io.slide import SlideLevel
+
+        return SlideLevel(path, int(level))
     if suffix == ".zarr":
         import zarr
 
@@ -66,9 +74,16 @@ def open_array(path: str | Path, level: int | str = 0) -> Any:
 
 
 def read_raw(path: str | Path) -> np.ndarray:
-    """Read a whole image file as stored (no axis change, original dtype)."""
+    """Read a whole image file as stored (no axis change, original dtype). A whole-slide image is
+    read whole only when it is small (``FULL_DECODE_BYTES``); larger ones are read by region."""
     path = Path(path)
     suffix = path.suffix.lower()
+    if is_slide(path):
+        arr = open_array(path)
+        if int(np.prod(arr.shape)) > FULL_DECODE_BYTES:
+            raise ValueError(f"{path}: a whole-slide image of {arr.shape[0]} x {arr.shape[1]} pixels is read "
+                             "region by region, never whole; this step needs a smaller image")
+        return np.asarray(arr[...])
     if suffix in (".tif", ".tiff"):
         import tifffile
 
@@ -115,7 +130,7 @@ def check_pixels(path: str | Path) -> str | None:
             return _check_pil(path)
         if suffix == ".npy":
             return _check_npy(path)
-        if suffix == ".zarr":
+        if suffix == ".zarr" or is_slide(path):
             _read_sample_chunks(open_array(path))
             return None
         read_raw(path)
@@ -444,6 +459,10 @@ def pixel_size(path: str | Path) -> dict[str, float] | None:
     path = Path(path)
     try:
         suffix = path.suffix.lower()
+        if is_slide(path):
+            from instantdl_ray.io.slide import slide_info
+
+            return slide_info(path).mpp
         if suffix in (".tif", ".tiff"):
             return _tiff_pixel_size(path)
         if suffix in (".png", ".jpg", ".jpeg"):
