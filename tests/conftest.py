@@ -20,13 +20,16 @@ REPO = Path(__file__).resolve().parents[1]
 
 # Test tiers. ``integration``: whatever starts Ray, another process (``subprocess``, a pip install,
 # a cluster) or injects faults into a run; the rest is the unit tier, ``pytest -m "not integration"``
-# (about a minute). A test is integration when it uses the ``ray_session`` fixture (directly or
-# through another fixture), lives in one of these modules, or carries the mark itself.
+# (about two minutes on 2 cores). A test is integration when it uses one of INTEGRATION_FIXTURES
+# (directly or through another fixture), lives in one of these modules, or carries the mark itself.
 INTEGRATION_MODULES = {
     "test_benchmarks_smoke", "test_cluster_autoscale", "test_cluster_configs", "test_cluster_onprem",
     "test_cluster_slurm", "test_fault_tolerance", "test_faults", "test_multinode", "test_run_state",
     "test_real_data",
 }
+
+
+INTEGRATION_FIXTURES = {"ray_session", "cli_results"}  # cli_results: the CLI run as subprocesses
 
 
 def pytest_configure(config):
@@ -38,7 +41,8 @@ def pytest_configure(config):
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if "ray_session" in getattr(item, "fixturenames", ()) or item.module.__name__.rsplit(".", 1)[-1] in INTEGRATION_MODULES:
+        if (INTEGRATION_FIXTURES & set(getattr(item, "fixturenames", ()))
+                or item.module.__name__.rsplit(".", 1)[-1] in INTEGRATION_MODULES):
             item.add_marker(pytest.mark.integration)
 
 
