@@ -14,6 +14,7 @@ import os
 import signal
 import threading
 import time
+import warnings
 from dataclasses import asdict, dataclass
 
 from instantdl_ray.errors import ConfigError
@@ -43,6 +44,30 @@ def worker_setup() -> None:
     import ray
 
     os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+    quiet_ray_loggers()
+
+
+# Ray's own per-step INFO lines ("Reporting training result N: TrainingReport(...)" every epoch,
+# "Dataset ... execution finished", "Progress bars disabled") drown the package's lines; its
+# warnings and errors still show
+QUIET_LOGGERS = ("ray.train", "ray.data", "ray.tune")
+
+
+def quiet_ray_loggers() -> None:
+    import ray.data  # noqa: F401  (configures Ray Data's logging on import: quieten after it)
+    from ray.util.debug import log_once
+
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    # the package turns Ray Data's progress bars off on purpose (its own lines report progress):
+    # use up the once-per-process "Progress bars disabled. To enable, ..." warning
+    log_once("ray_data_progress_manager_disabled")
+    try:  # Ray Train v2 logs "Reporting training result N: ..." under the module's file path
+        from ray.train.v2._internal.execution import context as train_context
+
+        logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+    except ImportError:  # another Ray version: tests/test_console.py says so if the line is back
+        pass
 
 
 def init(address: str | None = None, num_cpus: int | None = None, dashboard: bool = False) -> None:
@@ -57,6 +82,10 @@ def init(address: str | None = None, num_cpus: int | None = None, dashboard: boo
     # ray.init replaces the SIGTERM handler by sys.exit(15), so a run preempted by a scheduler would
     # be recorded as a Ctrl-C; the handler a run installed (pipeline._sigterm_as_interrupt) stays
     keep = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
+    # a local Ray of ours enables token authentication by default and says so on every start
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+    # Ray Train builds its Ray Data options with a field Ray itself deprecated: not the user's concern
+    warnings.filterwarnings("ignore", message=".*exclude_resources.*is deprecated")
     kwargs = dict(logging_level=logging.WARNING, log_to_driver=True,
                   runtime_env={"worker_process_setup_hook": "instantdl_ray._ray.worker_setup"})
     if address:
@@ -66,6 +95,7 @@ def init(address: str | None = None, num_cpus: int | None = None, dashboard: boo
         ray.init(num_cpus=num_cpus, include_dashboard=dashboard, **kwargs)
     if callable(keep):
         signal.signal(signal.SIGTERM, keep)
+    quiet_ray_loggers()
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
