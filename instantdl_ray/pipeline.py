@@ -102,6 +102,11 @@ def read_state(run_dir: Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
+# the signals that interrupted the current run: Ray's driver turns the KeyboardInterrupt the
+# handler raises inside ray.get into SystemExit(1), which no longer says which signal it was
+_SIGNALS_RECEIVED: list[str] = []
+
+
 @contextlib.contextmanager
 def _sigterm_as_interrupt():
     """SIGTERM (a cluster scheduler's preemption, ``kill``) ends a run like Ctrl-C: recorded as
@@ -109,8 +114,10 @@ def _sigterm_as_interrupt():
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    _SIGNALS_RECEIVED.clear()
 
     def handler(signum, frame):
+        _SIGNALS_RECEIVED.append(signal.Signals(signum).name)
         raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
 
     old = signal.signal(signal.SIGTERM, handler)
@@ -189,7 +196,10 @@ def _record_failure(run_dir: Path, log: RunLog, stage: str, e: BaseException) ->
     interrupted = isinstance(e, (KeyboardInterrupt, SystemExit))
     msg = str(e) or type(e).__name__
     if interrupted:  # Ray's SystemExit(1) says "1": say what happened instead
-        msg = f"interrupted ({e})" if isinstance(e, KeyboardInterrupt) and str(e) else "interrupted (Ctrl-C)"
+        if _SIGNALS_RECEIVED:
+            msg = f"interrupted (signal {_SIGNALS_RECEIVED[-1]})"
+        else:
+            msg = f"interrupted ({e})" if isinstance(e, KeyboardInterrupt) and str(e) else "interrupted (Ctrl-C)"
     elif not isinstance(e, InstantDLError):
         msg = f"{type(e).__name__}: {msg}"
     resume_cmd = resume_command(run_dir)

@@ -56,6 +56,29 @@ def test_a_system_exit_inside_a_stage_is_an_interrupt(tmp_path, monkeypatch):
     assert st["status"] == "interrupted" and st["error"] == "interrupted (Ctrl-C)"  # not Ray's "1"
 
 
+def test_a_sigterm_that_ray_turns_into_system_exit_is_recorded_as_the_signal(tmp_path, monkeypatch):
+    """SLURM's requeue (SIGTERM) while the driver waits in ray.get: Ray turns the handler's
+    KeyboardInterrupt into SystemExit(1); run.json must still say it was SIGTERM, not Ctrl-C."""
+    data = make_semantic_set(tmp_path / "data")
+
+    def preempted_in_ray_get(*a, **k):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+        except KeyboardInterrupt:
+            raise SystemExit(1) from None  # what ray.get does with it
+
+    monkeypatch.setattr(pipeline, "_plan", preempted_in_ray_get)
+    with pytest.raises(SystemExit):
+        pipeline.run(_cfg(data), out=tmp_path / "run")
+    st = _state(tmp_path / "run")
+    assert st["status"] == "interrupted" and st["error"] == "interrupted (signal SIGTERM)"
+    # a later Ctrl-C of another run is not labelled with this run's signal
+    monkeypatch.setattr(pipeline, "_plan", lambda *a, **k: (_ for _ in ()).throw(SystemExit(1)))
+    with pytest.raises(SystemExit):
+        pipeline.run(_cfg(data), out=tmp_path / "run2")
+    assert _state(tmp_path / "run2")["error"] == "interrupted (Ctrl-C)"
+
+
 def test_the_command_line_exits_130_when_ray_turns_ctrl_c_into_system_exit(tmp_path, monkeypatch, capsys):
     data = make_semantic_set(tmp_path / "data")
     cfg_file = tmp_path / "c.yaml"
