@@ -452,3 +452,12 @@ def test_evaluate_before_prediction_says_what_to_run(tmp_path, capsys):
     assert cli.main(["evaluate", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "run prediction first" in err and f"--resume {tmp_path}" in err
+
+
+def test_an_unknown_task_is_named_as_the_user_spelled_it():
+    from instantdl_ray.registry import UnknownNameError
+    from instantdl_ray.tasks import task_key
+
+    assert task_key("Semantic_Segmentation") == task_key("semanticsegmentation") == "semantic"
+    with pytest.raises(UnknownNameError, match="'object detection'"):
+        task_key("object detection")

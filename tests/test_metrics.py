@@ -404,3 +404,14 @@ def test_panoptic_quality_agrees_with_monai(seed):
               for name in ("pq", "sq", "rq")}
     for name in ("pq", "sq", "rq"):
         assert ours[name] == pytest.approx(theirs[name], abs=1e-6), name
+
+
+def test_classification_with_a_nan_probability_is_scored_not_crashed():
+    """A diverged model's NaN probabilities: AUC and ROC curve undefined (nan / empty), the rest scored."""
+    y = np.array([0, 1, 1, 1])
+    prob = np.array([[0.9, 0.1], [0.2, 0.8], [np.nan, np.nan], [0.3, 0.7]])  # the NaN row counts as class 0
+    m = M.classification_metrics(y, prob)
+    assert math.isnan(m["roc_auc_macro"])
+    assert m["accuracy"] == pytest.approx(0.75)
+    fpr, tpr = M.roc_curve(y == 1, prob[:, 1])
+    assert fpr.size == 0 and tpr.size == 0

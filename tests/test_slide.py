@@ -90,3 +90,40 @@ def test_a_large_slide_is_never_read_whole(tmp_path, monkeypatch, rgb):
     monkeypatch.setattr(read, "FULL_DECODE_BYTES", 1000)
     with pytest.raises(ValueError, match="read region by region"):
         read.read_raw(write_aperio_svs(tmp_path / "a.svs", rgb))
+
+
+def test_slide_indexing_is_numpys_and_a_subsampled_view_reads_chunk_by_chunk(tmp_path, monkeypatch):
+    from instantdl_ray.io import slide as slide_mod
+
+    img = tissue_image((300, 400))
+    arr = read.open_array(write_aperio_svs(tmp_path / "a.svs", img, downsamples=(4,)))
+    full = arr[...]
+    for a in (0, -1, slice(None), slice(3, 250, 7), slice(None, None, -1), slice(250, 3, -5), slice(10, 10)):
+        for b in (7, slice(2, 390, 9), slice(None, None, -3), slice(399, 0, -128)):
+            for c in (slice(None), 0, slice(0, 2)):
+                np.testing.assert_array_equal(arr[a, b, c], full[a, b, c])
+    # a thumbnail-like view of the whole level (as evaluation figures take) never reads it whole
+    sizes = []
+    real = SlideLevel.read_region
+    monkeypatch.setattr(slide_mod, "READ_CHUNK", 64)
+    monkeypatch.setattr(SlideLevel, "read_region", lambda self, y, x, h, w: sizes.append(h * w) or real(self, y, x, h, w))
+    view = arr[::8, ::8]
+    np.testing.assert_array_equal(view, full[::8, ::8])
+    assert max(sizes) <= 64 * 64 < 300 * 400
+
+
+def test_a_folder_with_a_slide_converts_to_zarr(tmp_path, monkeypatch, rgb):
+    """A slide is copied region by region (as every large image), not decoded whole."""
+    from instantdl_ray.io import convert
+
+    monkeypatch.setattr(read, "FULL_DECODE_BYTES", 1000)  # this slide counts as large
+
+    src = tmp_path / "src"
+    src.mkdir()
+    write_aperio_svs(src / "a.svs", rgb)
+    out = convert.to_zarr(src, tmp_path / "out", chunks=512, progress=lambda d, t: None)
+    import zarr
+
+    z = zarr.open(str(out[0]), mode="r")
+    assert z.shape == (1536, 2048, 3)
+    np.testing.assert_array_equal(z[300:400, 500:600], read.open_array(src / "a.svs")[300:400, 500:600])

@@ -88,7 +88,7 @@ def check_config_choices(cfg: Config) -> list[str]:
             problems += check_file(p, cfg.model or task.models[0], trust=cfg.trust_pretrained_weights)
     if w is True:
         problems.append("pretrained_weights: true is not a source; use false, 'imagenet', 'coco' or a path")
-    if cfg.foreground_sampling > 0 and cfg.task not in ("semantic", "instance"):
+    if cfg.foreground_sampling > 0 and task.target_kind != "label":
         problems.append(
             f"foreground_sampling: {cfg.foreground_sampling} needs label images (SemanticSegmentation or "
             f"InstanceSegmentation); {cfg.use_algorithm} has none. Remove the key or set it to 0"

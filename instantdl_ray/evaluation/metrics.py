@@ -497,27 +497,30 @@ def instance_image_metrics(pred_labels: np.ndarray, gt_labels: np.ndarray) -> di
 # ---------------------------------------------------------------- classification
 
 
-def _both_classes(y_binary: np.ndarray) -> bool:
+def _scorable(y_binary: np.ndarray, score: np.ndarray) -> bool:
+    """Both classes present and every score finite (a diverged model's NaN probabilities make
+    the curve undefined, not an error)."""
     y = np.asarray(y_binary).astype(bool)
-    return bool(y.any() and not y.all())
+    return bool(y.any() and not y.all() and np.all(np.isfinite(np.asarray(score, dtype=np.float64))))
 
 
 def roc_auc(y_binary: np.ndarray, score: np.ndarray) -> float:
     """Area under the ROC curve of scores ``(N,)`` for binary labels ``(N,)`` (scikit-learn's
-    ``roc_auc_score``); nan when only one of the two classes is present."""
+    ``roc_auc_score``); nan when only one of the two classes is present or a score is not finite."""
     from sklearn.metrics import roc_auc_score
 
-    if not _both_classes(y_binary):
+    if not _scorable(y_binary, score):
         return math.nan
     return float(roc_auc_score(np.asarray(y_binary).astype(bool), np.asarray(score, dtype=np.float64)))
 
 
 def roc_curve(y_binary: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``(fpr, tpr)`` at every distinct score, starting at (0, 0): scikit-learn's
-    ``roc_curve(drop_intermediate=False)``. Empty arrays when a class is missing."""
+    ``roc_curve(drop_intermediate=False)``. Empty arrays when a class is missing or a score is
+    not finite."""
     from sklearn.metrics import roc_curve as sk_roc_curve
 
-    if not _both_classes(y_binary):
+    if not _scorable(y_binary, score):
         return np.empty(0), np.empty(0)
     fpr, tpr, _ = sk_roc_curve(np.asarray(y_binary).astype(bool), np.asarray(score, dtype=np.float64),
                                drop_intermediate=False)

@@ -302,7 +302,7 @@ def _open_source(path: Path) -> Any:
             return read.open_array(path)
     if suffix == ".npy":
         return np.load(str(path), mmap_mode="r", allow_pickle=False)
-    if suffix == ".zarr":
+    if suffix == ".zarr" or read.is_slide(path):  # a slide: one pyramid level, read by region
         return read.open_array(path)
     return read.read_raw(path)
 

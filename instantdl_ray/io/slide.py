@@ -149,23 +149,41 @@ class SlideLevel:
         index = index + (slice(None),) * (3 - len(index))
         if len(index) != 3:
             raise IndexError(f"{self.path}: {len(index)} indices for a (Y, X, 3) slide level")
-        spans, within = [], []
+        axes = []  # per spatial axis: (first index, count, step >= 1, reversed, drop the axis)
         for i, n in zip(index[:2], self.shape[:2]):
             if isinstance(i, (int, np.integer)):
                 j = int(i) + n if i < 0 else int(i)
                 if not 0 <= j < n:
                     raise IndexError(f"{self.path}: index {i} out of range for an axis of {n}")
-                spans.append((j, j + 1))
-                within.append(0)  # drops the axis
+                axes.append((j, 1, 1, False, True))
             elif isinstance(i, slice):
-                start, stop, step = i.indices(n)
-                lo, hi = (start, max(stop, start)) if step > 0 else (stop + 1, max(start + 1, stop + 1))
-                spans.append((lo, hi))
-                within.append(slice(None, None, step))  # step < 0 walks back from the region's end
+                r = range(*i.indices(n))
+                first = min(r[0], r[-1]) if len(r) else 0
+                axes.append((first, len(r), abs(r.step), r.step < 0, False))
             else:
                 raise IndexError(f"{self.path}: unsupported index {i!r} (ints and slices only)")
-        (y0, y1), (x0, x1) = spans
-        return self.read_region(y0, x0, y1 - y0, x1 - x0)[within[0], within[1], index[2]]
+        (y0, ny, sy, ry, dy), (x0, nx, sx, rx, dx) = axes
+        out = self._read_strided(y0, ny, sy, x0, nx, sx)
+        out = out[::-1 if ry else 1, ::-1 if rx else 1]
+        out = out[0] if dy else out
+        out = out[:, 0] if dx and not dy else (out[0] if dx else out)
+        return out[..., index[2]]
+
+    def _read_strided(self, y0: int, ny: int, sy: int, x0: int, nx: int, sx: int) -> np.ndarray:
+        """Pixels ``y0 + sy * k`` (k < ny) by ``x0 + sx * k`` (k < nx) -> ``(ny, nx, 3)``. With
+        steps > 1 (a subsampled view) the region is read ``READ_CHUNK`` pixels at a time and
+        subsampled chunk by chunk, so a view of a whole slide never holds the slide in memory."""
+        if sy == 1 and sx == 1:
+            return self.read_region(y0, x0, ny, nx)
+        out = np.empty((ny, nx, 3), np.uint8)
+        by, bx = max(1, READ_CHUNK // sy), max(1, READ_CHUNK // sx)  # output rows / columns per chunk
+        for oy in range(0, ny, by):
+            ky = min(by, ny - oy)
+            for ox in range(0, nx, bx):
+                kx = min(bx, nx - ox)
+                chunk = self.read_region(y0 + oy * sy, x0 + ox * sx, (ky - 1) * sy + 1, (kx - 1) * sx + 1)
+                out[oy:oy + ky, ox:ox + kx] = chunk[::sy, ::sx]
+        return out
 
     def close(self) -> None:
         self._slide.close()

@@ -162,7 +162,8 @@ class Task:
 def task_key(name: str) -> str:
     """The registered name of a task spelled any way a config may spell it ("Semantic_Segmentation",
     "instance", "InstanceSegmentation" ...); an unknown name raises ``UnknownNameError``."""
-    return TASKS.canonical(str(name).replace("_", "").replace("-", "").replace(" ", "").lower())
+    key = str(name).replace("_", "").replace("-", "").replace(" ", "").lower()
+    return TASKS.canonical(key if key in TASKS else str(name))  # an unknown name: the user's spelling
 
 
 def get_task(name: str) -> Task:
