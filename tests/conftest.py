@@ -29,7 +29,12 @@ INTEGRATION_MODULES = {
 }
 
 
-INTEGRATION_FIXTURES = {"ray_session", "cli_results"}  # cli_results: the CLI run as subprocesses
+INTEGRATION_FIXTURES = {"ray_session", "cli_results"}
+
+# Ray's own lines that must not reach a user's console (issue 18; tests/test_console.py)
+RAY_CONSOLE_NOISE = ("Reporting training result", "execution finished", "Progress bars disabled",
+                     "TrainingReport(", "Registered dataset logger", "Token authentication is enabled",
+                     "RayDeprecationWarning")  # cli_results: the CLI run as subprocesses
 
 
 def pytest_configure(config):

@@ -14,13 +14,12 @@ from pathlib import Path
 
 import pytest
 
+from conftest import RAY_CONSOLE_NOISE as RAY_INTERNALS
 from conftest import make_run_config
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(400)]
-
-RAY_INTERNALS = ("Reporting training result", "execution finished", "Progress bars disabled",
-                 "TrainingReport(", "Registered dataset logger", "Token authentication is enabled",
-                 "RayDeprecationWarning")
+# slow: a whole run in a fresh process (~1.5 min); the default suite checks the per-epoch lines of
+# an in-process run (tests/test_pipeline.py::test_semantic_run_end_to_end)
+pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.timeout(400)]
 
 
 def test_console_shows_the_packages_lines_not_rays(tmp_path):

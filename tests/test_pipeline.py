@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import tifffile
 
-from conftest import make_classification_set, make_instance_set, make_regression_set, make_semantic_set
+from conftest import RAY_CONSOLE_NOISE, make_classification_set, make_instance_set, make_regression_set, make_semantic_set
 from instantdl_ray import pipeline
 from instantdl_ray.config import schema as config
 
@@ -39,9 +39,10 @@ LEARN = {"iterations_over_dataset": 8, "learning_rate": 0.01, "tiles_per_image":
 
 
 @pytest.mark.timeout(400)
-def test_semantic_run_end_to_end(ray_session, tmp_path):
+def test_semantic_run_end_to_end(ray_session, tmp_path, capfd):
     """Bright discs on noise are learnt in a few epochs: a broken pipeline (misaligned targets,
-    wrong normalisation, a bad decision rule) cannot reach the stated Jaccard."""
+    wrong normalisation, a bad decision rule) cannot reach the stated Jaccard. What the run
+    printed holds none of Ray's per-epoch lines (the whole console: tests/test_console.py, slow)."""
     data = make_semantic_set(tmp_path / "data", shape=(80, 72))
     run_dir = _run(tmp_path, data, "SemanticSegmentation", image_size=64, **LEARN)
     _complete(run_dir, epochs=LEARN["iterations_over_dataset"])
@@ -59,6 +60,9 @@ def test_semantic_run_end_to_end(ray_session, tmp_path):
     assert res["summary"]["jaccard"] >= 0.6, res["summary"]
     per_image = pd.read_csv(run_dir / "evaluation" / "per_image.csv")
     assert len(per_image) == 3 and (per_image["jaccard"] > 0.4).all()
+    printed = capfd.readouterr()
+    noise = [ln for ln in (printed.out + printed.err).splitlines() if any(s in ln for s in RAY_CONSOLE_NOISE)]
+    assert not noise, "\n".join(noise[:5])
 
 
 @pytest.mark.timeout(400)
