@@ -114,7 +114,7 @@ def test_classification_run_writes_predictions_csv(ray_session, tmp_path):
     df = pd.read_csv(run_dir / "predictions" / "predictions.csv")
     assert list(df.columns) == ["filename", "prediction", "prob_single", "prob_pair", "uncertainty"]
     assert len(df) == 4 and set(df["prediction"]) <= {0, 1}
-    np.testing.assert_allclose(df[["prob_single", "prob_pair"]].sum(1), 1, atol=1e-4)
+    np.testing.assert_allclose(df[["prob_single", "prob_pair"]].sum(axis=1), 1, atol=1e-4)
     assert df["uncertainty"].between(0, 1).all()
     res = json.loads((run_dir / "evaluation" / "results.json").read_text())
     assert "accuracy" in res["summary"]
