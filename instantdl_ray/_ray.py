@@ -213,17 +213,15 @@ def node_resources() -> list[tuple[float, float]]:
             for n in ray.nodes() if n.get("Alive")]
 
 
+def totals(nodes: list[tuple[float, float]]) -> tuple[float, float]:
+    """CPUs and GPUs of ``nodes`` (``node_resources``) together."""
+    return sum(c for c, _ in nodes), sum(g for _, g in nodes)
+
+
 def plan_now(ray_cfg) -> Resources:
     """``plan_resources`` for the nodes the cluster has at this moment."""
     nodes = node_resources()
-    return plan_resources(ray_cfg, sum(c for c, _ in nodes), sum(g for _, g in nodes), nodes=nodes)
-
-
-def cluster_resources() -> tuple[float, float]:
-    import ray
-
-    res = ray.cluster_resources()
-    return float(res.get("CPU", 0)), float(res.get("GPU", 0))
+    return plan_resources(ray_cfg, *totals(nodes), nodes=nodes)
 
 
 def demand(ray_cfg) -> list[dict]:
@@ -253,14 +251,15 @@ def plan_on_cluster(ray_cfg, log=print, local: bool = True, poll_s: float = 2.0)
     want_cpu = sum(b["CPU"] for b in bundles)
     want_gpu = sum(b.get("GPU", 0) for b in bundles)
     nodes = node_resources()
-    log(f"the cluster has {sum(c for c, _ in nodes):g} CPU(s), {sum(g for _, g in nodes):g} GPU(s); asked Ray's autoscaler for {len(bundles) - 1} "
+    cpus, gpus = totals(nodes)
+    log(f"the cluster has {cpus:g} CPU(s), {gpus:g} GPU(s); asked Ray's autoscaler for {len(bundles) - 1} "
         f"worker bundle(s) (~{want_cpu:g} CPUs{f', {want_gpu:g} GPUs' if want_gpu else ''} in all), "
         f"waiting up to {wait_s:g} s (ray.autoscale_wait_s)")
     deadline, seen = time.time() + wait_s, len(nodes)
     while time.time() < deadline:  # until the cluster holds what was asked for
         time.sleep(poll_s)
         nodes = node_resources()
-        have_cpu, have_gpu = sum(c for c, _ in nodes), sum(g for _, g in nodes)
+        have_cpu, have_gpu = totals(nodes)
         if len(nodes) != seen:
             seen = len(nodes)
             log(f"cluster: {seen} node(s), {have_cpu:g} CPU(s), {have_gpu:g} GPU(s)")

@@ -225,7 +225,8 @@ TASKS = tuple(_TASK_REGISTRY.names())
 def _task_losses(task: str) -> tuple[str, ...]:
     t = get_task(task)
     if t.losses is None:  # any registered loss, its own first
-        return (t.own_loss or t.default_loss, *[n for n in LOSSES.names() if n != (t.own_loss or t.default_loss)])
+        first = t.own_loss or t.default_loss
+        return (first, *[n for n in LOSSES.names() if n != first])
     return tuple(t.losses)
 
 

@@ -80,17 +80,12 @@ class _FakeCluster:
 
         self.stages, self.polls, self.requests = stages, 0, []
         monkeypatch.setattr(_ray, "node_resources", self.nodes)
-        monkeypatch.setattr(_ray, "cluster_resources", self.totals)
         monkeypatch.setattr(ray.autoscaler.sdk, "request_resources", lambda **kw: self.requests.append(kw))
         monkeypatch.setattr("ray.is_initialized", lambda: True)
 
     def nodes(self):
         self.polls += 1
         return self.stages[min(self.polls // 2, len(self.stages) - 1)]
-
-    def totals(self):
-        nodes = self.stages[min(self.polls // 2, len(self.stages) - 1)]
-        return sum(c for c, _ in nodes), sum(g for _, g in nodes)
 
 
 def test_a_joined_cluster_too_small_is_asked_to_grow_and_waited_for(monkeypatch):

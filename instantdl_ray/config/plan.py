@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from instantdl_ray.io import read
+from instantdl_ray.io import read, write
 
 # Robust per-image input normalisation (CSBDeep / StarDist): map these percentiles to 0 and 1.
 NORM_PERCENTILES = (1.0, 99.8)
@@ -44,9 +44,7 @@ class Plan:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self, path: str | Path) -> None:
-        from instantdl_ray.io.write import write_json
-
-        write_json(path, asdict(self), indent=1)
+        write.write_json(path, asdict(self), indent=1)
 
     @classmethod
     def from_json(cls, path_or_text: str | Path | dict) -> "Plan":

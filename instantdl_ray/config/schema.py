@@ -15,9 +15,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from instantdl_ray.errors import ConfigError
+from instantdl_ray.io.write import write_text
 from instantdl_ray.registry import did_you_mean
-
-
 
 Num = Union[bool, float]
 
@@ -353,6 +352,4 @@ def load(path: str | Path, overrides: list[str] | None = None) -> Config:
 
 def dump(cfg: Config, path: str | Path) -> None:
     """Write the resolved config (every default spelled out) as YAML."""
-    from instantdl_ray.io.write import write_text
-
     write_text(path, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))

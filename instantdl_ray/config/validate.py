@@ -57,7 +57,7 @@ def check_config_choices(cfg: Config) -> list[str]:
 
     problems = []
     task = get_task(cfg.task)
-    if cfg.loss_function is not None and task.loss_configurable:
+    if cfg.loss_function is not None and task.losses is not None:  # None: any loss (instance: its own)
         allowed = ALLOWED_LOSSES[task.name]
         from instantdl_ray.registry import did_you_mean
 

@@ -272,14 +272,12 @@ def grid_rows(samples: list[read.Sample], shapes: dict[str, tuple[int, ...]], pl
     from instantdl_ray.data.tile import grid_overlap, tile_grid
     from instantdl_ray.tasks import get_task
 
+    pixelwise = get_task(plan.task).pixelwise  # else one row per image (a label per image)
+    ov = grid_overlap(plan, overlap) if pixelwise else None
     rows = []
     for idx, s in enumerate(samples):
         sp = spatial_shape(shapes[str(s.image)], plan.axes)
-        if not get_task(plan.task).pixelwise:  # one row per image (a label per image)
-            tiles = [None]
-        else:
-            ov = grid_overlap(plan, overlap)
-            tiles = tile_grid(tuple(sp), tuple(plan.tile_shape), ov)
+        tiles = tile_grid(tuple(sp), tuple(plan.tile_shape), ov) if pixelwise else [None]
         for t_idx, t in enumerate(tiles):
             origin = [0] * len(sp) if t is None else [int(sl.start) - int(p[0]) for sl, p in zip(t.read, t.pad)]
             rows.append({**spec_row(s, origin), "image_index": idx, "tile_index": t_idx, "seed": 0})

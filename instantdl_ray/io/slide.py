@@ -162,12 +162,9 @@ class SlideLevel:
                 axes.append((first, len(r), abs(r.step), r.step < 0, False))
             else:
                 raise IndexError(f"{self.path}: unsupported index {i!r} (ints and slices only)")
-        (y0, ny, sy, ry, dy), (x0, nx, sx, rx, dx) = axes
-        out = self._read_strided(y0, ny, sy, x0, nx, sx)
-        out = out[::-1 if ry else 1, ::-1 if rx else 1]
-        out = out[0] if dy else out
-        out = out[:, 0] if dx and not dy else (out[0] if dx else out)
-        return out[..., index[2]]
+        (y0, ny, sy, _, _), (x0, nx, sx, _, _) = axes
+        pick = tuple(0 if drop else slice(None, None, -1 if rev else 1) for *_, rev, drop in axes)
+        return self._read_strided(y0, ny, sy, x0, nx, sx)[pick + (index[2],)]
 
     def _read_strided(self, y0: int, ny: int, sy: int, x0: int, nx: int, sx: int) -> np.ndarray:
         """Pixels ``y0 + sy * k`` (k < ny) by ``x0 + sx * k`` (k < nx) -> ``(ny, nx, 3)``. With

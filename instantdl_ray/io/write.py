@@ -24,6 +24,7 @@ import numpy as np
 STACK_TILE_FROM = 4096 * 4096  # planes above this many pixels go into a stack as tiles
 STACK_TILE = 1024
 
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path, suffix: str = ""):
     """Yield a temporary path next to ``path``; on success it becomes ``path`` (rename, with the

@@ -46,7 +46,6 @@ class Task:
     default_loss: str = ""
     probability_losses: tuple[str, ...] = ()  # applied to sigmoid/softmax outputs (InstantDL's Keras way)
     own_loss: str | None = None  # this loss whatever the config names (the model computes its own)
-    loss_configurable: bool = True  # False: loss_function is not checked against ``losses``
 
     # ---- evaluation (evaluation/evaluate.py asks these; it never tests the task's name)
     headline: str = ""  # the test metric of results.json's headline

@@ -106,7 +106,6 @@ class Instance(Task):
     losses = None  # any registered loss: Mask R-CNN trains on its own; the U-Net on the one named
     default_loss = "maskrcnn"
     own_loss = "maskrcnn"  # make_loss(..., "instance", ...) is always Mask R-CNN's loss sum
-    loss_configurable = False
     headline = "ap_mean"
     headline_per_image = True
     headline_aggregation = "mean over images (DSB2018 score)"
