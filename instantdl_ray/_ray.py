@@ -224,6 +224,13 @@ def plan_now(ray_cfg) -> Resources:
     return plan_resources(ray_cfg, *totals(nodes), nodes=nodes)
 
 
+def cluster_resources() -> tuple[float, float]:
+    import ray
+
+    res = ray.cluster_resources()
+    return float(res.get("CPU", 0)), float(res.get("GPU", 0))
+
+
 def demand(ray_cfg) -> list[dict]:
     """The resource bundles a run needs: one per training worker (``cpus_per_worker``, default 1
     CPU, plus a GPU with ``use_gpu``) and one CPU for the data loading that feeds them."""
