@@ -403,11 +403,12 @@ def evaluate_run(run_dir: Path, cfg: Config, plan: Plan, records: list[dict], lo
 
 def predict_new(run_dir: str | Path, inputs: str | Path, out: str | Path | None = None,
                 overrides: list[str] | None = None, address: str | None = None) -> Path:
-    """Predict new images (a folder, one image, or a zarr) with a trained run; returns the output folder."""
+    """Predict new images or slides (a folder, one file, a zarr, or a manifest CSV) with a trained
+    run; returns the output folder."""
     from instantdl_ray import _ray
-    from instantdl_ray.io import read
     from instantdl_ray.errors import DataError
-    from instantdl_ray.config.plan import image_percentiles
+    from instantdl_ray.config.validate import tissue_mask_problems
+    from instantdl_ray.predict.inputs import gather, prepare
     from instantdl_ray.predict.pool import finish_records, predict
 
     run_dir = Path(run_dir).resolve()
@@ -419,44 +420,36 @@ def predict_new(run_dir: str | Path, inputs: str | Path, out: str | Path | None 
     if decision:
         plan.extra["decision"] = decision
     model_path = run_dir / "checkpoints" / "best" / "model.pt"
-    inputs = Path(inputs)
     problems = []
     if not model_path.exists():
         problems.append(f"{model_path}: missing; {run_dir} holds no trained model (did its training finish?)")
-    if inputs.is_dir() and inputs.suffix.lower() != ".zarr":
-        folder = inputs / "test" / "image" if (inputs / "test" / "image").is_dir() else inputs
-        files = sorted(p for p in folder.iterdir() if read.is_image(p))
-    else:
-        files = [inputs] if inputs.exists() else []
-    if not files:
-        problems.append(f"--input {inputs}: no images found (supported: {', '.join(read.IMAGE_SUFFIXES)})")
-    samples, shapes = [], {}
-    for f in files:
-        try:
-            shape = tuple(int(s) for s in read.open_array(f).shape)
-        except Exception as e:
-            problems.append(f"{f}: cannot be read ({type(e).__name__}: {e})")
-            continue
-        if len(shape) not in (len(plan.axes), len(plan.axes) - 1):
-            problems.append(f"{f}: shape {shape} does not fit the trained model's axes '{plan.axes}'")
-            continue
-        shapes[str(f)] = shape
-        samples.append(read.Sample(read._stem(f), f, None))
+    found, more = gather(Path(inputs))
+    problems += more
+    out_dir = Path(out) if out else run_dir / "predict" / _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    early: list[str] = []  # printed now, written to predict.log once the inputs are known to be good
+
+    def log(msg: str) -> None:
+        early.append(msg)
+        print(msg, flush=True)
+
+    problems += tissue_mask_problems(cfg.tissue_mask)
+    if not problems:
+        samples, shapes, masks, more = prepare(found, plan, cfg.tissue_mask, out_dir, log=log)
+        problems += more
     if gpu := _ray.local_gpu_problems(cfg.ray, address):
         raise ConfigError(gpu)
     if problems:
         raise DataError(problems)
-    out_dir = Path(out) if out else run_dir / "predict" / _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     from instantdl_ray.config import diskspace
 
     diskspace.check(diskspace.run_needs(cfg, plan, samples, shapes, out_dir, train=False))
     out_dir.mkdir(parents=True, exist_ok=True)
     log = RunLog(out_dir / "predict.log")
-    for s in samples:
-        plan.image_norm.setdefault(str(s.image), image_percentiles(s.image, plan.axes, plan.extra.get("augment")))
+    with open(out_dir / "predict.log", "a") as f:
+        f.write("".join(m + "\n" for m in early))
     _ray.init(address or cfg.ray.address, dashboard=bool(cfg.ray.dashboard))  # prediction: no Ray Train
     resources = _ray.plan_now(cfg.ray)
-    records = predict(cfg, plan, samples, shapes, model_path, out_dir, resources, log=log)
+    records = predict(cfg, plan, samples, shapes, model_path, out_dir, resources, log=log, masks=masks)
     finish_records(out_dir / "predictions", records)
     log(f"done. Predictions in {out_dir}")
     return out_dir

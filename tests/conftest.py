@@ -199,18 +199,11 @@ def write_aperio_svs(path: Path, rgb: np.ndarray, mpp: float | None = 0.5, downs
 
 
 def write_ome_pyramid(path: Path, rgb: np.ndarray, mpp: float | None = 0.5, downsamples=(2, 4), tile=256) -> Path:
-    """An OME-TIFF pyramid: level 0 with the reduced levels as sub-IFDs, ``PhysicalSizeX/Y`` in µm."""
-    import tifffile
+    """An OME-TIFF pyramid: level 0 with the reduced levels as sub-IFDs, ``PhysicalSizeX/Y`` in µm
+    (the package's own writer, ``io.write.write_ome_pyramid``)."""
+    from instantdl_ray.io.write import write_ome_pyramid as write
 
-    meta = {"axes": "YXS"}
-    if mpp is not None:
-        meta.update(PhysicalSizeX=mpp, PhysicalSizeXUnit="µm", PhysicalSizeY=mpp, PhysicalSizeYUnit="µm")
-    with tifffile.TiffWriter(path, bigtiff=True, ome=True) as tw:
-        tw.write(rgb, subifds=len(downsamples), tile=(tile, tile), photometric="rgb", compression="zlib", metadata=meta)
-        for k in downsamples:
-            tw.write(np.ascontiguousarray(rgb[::k, ::k]), subfiletype=1, tile=(tile, tile), photometric="rgb",
-                     compression="zlib")
-    return path
+    return write(path, rgb, mpp=mpp, downsamples=downsamples, tile=tile)
 
 
 def tissue_image(shape=(1536, 2048), seed=0) -> np.ndarray:

@@ -8,6 +8,7 @@ import tifffile
 import zarr
 from PIL import Image
 
+from instantdl_ray.config.plan import Plan
 from instantdl_ray.io import read, write
 from instantdl_ray.io.write import write_tiff_tiles
 from instantdl_ray.predict.pool import _write_pixel
@@ -53,7 +54,10 @@ def test_predictions_and_uncertainty_keep_the_input_pixel_size_and_masks_show_in
     mask[4:10, 4:10] = 1
     out = {"prediction": mask, "threshold": 0.4, "uncertainty": np.full((32, 32), 0.1, np.float32),
            "mutual_information": np.zeros((32, 32), np.float32)}
-    rec = _write_pixel(s, out, tmp_path / "pred", tmp_path / "unc")
+    plan = Plan(task="semantic", spatial_dims=2, axes="YX", target_axes="YX", in_channels=1, out_channels=1,
+                num_classes=1, class_names=["background", "foreground"], tile_shape=[32, 32], image_size=None,
+                model="unet", loss="dice_crossentropy", dropout=0.2)
+    rec = _write_pixel(s, out, plan, tmp_path / "pred", tmp_path / "unc")
     for key in ("prediction", "uncertainty", "mutual_information"):
         assert _read_size(rec[key]) == pytest.approx({"y": 0.5, "x": 0.5}), key
     with tifffile.TiffFile(rec["prediction"]) as tf:

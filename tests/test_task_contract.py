@@ -155,7 +155,7 @@ def test_task_contract(task_name, model, tile, classes, tmp_path):
         assert rows[1][0] == "img0.tif" and int(rows[1][1]) in range(3)
         assert abs(sum(float(p) for p in rows[1][2:5]) - 1) < 1e-4
         return
-    rec = _write_pixel(sample, out, pred_dir, unc_dir)
+    rec = _write_pixel(sample, out, plan, pred_dir, unc_dir)
     pred = tifffile.imread(rec["prediction"])
     assert pred.dtype == PREDICTION_DTYPE[task_name]
     assert pred.shape[-len(tile):] == tuple(tile)

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from instantdl_ray.errors import ConfigError
 from instantdl_ray.io import read, write
 
 # Robust per-image input normalisation (CSBDeep / StarDist): map these percentiles to 0 and 1.
@@ -42,6 +43,7 @@ class Plan:
     train_names: list[str] = field(default_factory=list)
     val_names: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
+    mpp: float | None = None  # µm per pixel the model works at (None: unknown, inputs read as stored)
 
     def to_json(self, path: str | Path) -> None:
         write.write_json(path, asdict(self), indent=1)
@@ -103,7 +105,12 @@ def image_percentiles(path: Path, axes: str, augment: dict | None = None) -> lis
     arr = read.open_array(path)
     axes = read.image_axes(arr.shape, axes)
     chw = read.to_channel_first(_subsample(arr, axes), axes)
-    flat = chw.reshape(chw.shape[0], -1).astype(np.float64)
+    return channel_stats(chw.reshape(chw.shape[0], -1), augment)
+
+
+def channel_stats(flat: np.ndarray, augment: dict | None = None) -> list[list[float]]:
+    """``image_percentiles``' per-channel ``(lo, hi)`` of pixels ``(C, N)`` (e.g. a slide's tissue)."""
+    flat = np.asarray(flat, dtype=np.float64)
     augment = augment or {}
     if augment.get("std_normalization"):
         mean, std = flat.mean(1), flat.std(1)
@@ -260,6 +267,36 @@ def _sample_object_extents(sample, target_axes: str | None, seed: int = 0) -> li
     return out
 
 
+def model_mpp(configured: float | None, train: list) -> tuple[float | None, str | None]:
+    """The pixel size (µm) the model works at and where it came from: the ``mpp`` setting, else
+    the training images' own (their metadata, when they all state the same within 2 %).
+
+    Training reads images as stored, so an ``mpp`` setting that contradicts the training images'
+    metadata is refused (naming an image and both values) rather than silently mislabelling the model."""
+    from instantdl_ray.io.slide import SCALE_TOLERANCE, microscope_mpp
+
+    sizes = {}
+    for s in train:
+        size = microscope_mpp(read.pixel_size(s.image))
+        if size is not None:
+            sizes[str(s.image)] = size
+    if configured is not None:
+        off = {k: v for k, v in sizes.items() if abs(v / float(configured) - 1) > SCALE_TOLERANCE}
+        if off:
+            name, v = next(iter(off.items()))
+            raise ConfigError([
+                f"mpp: {configured} µm/px contradicts the training images' metadata ({len(off)} image(s), e.g. {name}: "
+                f"{v:.4g} µm/px); training reads images at their own resolution. Remove mpp (the model then works at "
+                f"{v:.4g} µm/px) or resample the training images to {configured} µm/px"])
+        return float(configured), "config"
+    if sizes and len(sizes) == len(train):
+        vals = np.asarray(list(sizes.values()))
+        med = float(np.median(vals))
+        if np.all(np.abs(vals / med - 1) <= SCALE_TOLERANCE):
+            return med, "metadata"
+    return None, None
+
+
 def make_plan(cfg, inv) -> Plan:
     """Fingerprint the data set described by ``inv`` (from ``validate``) under ``cfg``."""
     from instantdl_ray.tasks import get_task
@@ -320,6 +357,7 @@ def make_plan(cfg, inv) -> Plan:
         val_names=va,
         extra={**fields.get("extra", {}), **extra_fields, "augment": cfg.data_gen_args.model_dump()},
     )
+    plan.mpp, plan.extra["mpp_source"] = model_mpp(cfg.mpp, inv.samples.get("train", []))
     plan.image_norm = {str(s.image): image_percentiles(s.image, axes, plan.extra["augment"]) for s in samples}
     if plan.extra["augment"].get("threshold_background_groundtruth") and target_axes:
         plan.extra["target_threshold"] = {str(s.image): target_thresholds(s.groundtruth, target_axes)

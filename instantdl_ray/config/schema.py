@@ -97,6 +97,12 @@ class Config(_Strict):
     tiles_per_image: Optional[int] = Field(None, ge=1)  # training tiles drawn per image per epoch
     foreground_sampling: float = Field(0.0, ge=0.0, le=1.0)  # fraction of training tiles centred on labels
     tile_overlap: float = Field(0.25, ge=0.0, lt=1.0)
+    # µm per pixel the model works at; None: the training images' pixel size (from their metadata).
+    # Slides are read at the pyramid level nearest to it and resampled to it
+    mpp: Optional[float] = Field(None, gt=0)
+    # slides (whole-slide and pyramidal images): "auto" finds the tissue on a thumbnail and predicts
+    # only there, "none" predicts everywhere, or a folder of masks named like the slides
+    tissue_mask: str = "auto"
     # binary segmentation decision rule: "calibrated" (the validation Jaccard's best threshold,
     # stored in thresholds.json), "otsu" (InstantDL: per image), or a fixed probability
     threshold: Union[Literal["calibrated", "otsu"], float] = "calibrated"

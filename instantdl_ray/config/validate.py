@@ -99,12 +99,21 @@ def check_config_choices(cfg: Config) -> list[str]:
             "at the files' own resolution and InstantDL's resampling would change it silently); set it to false and "
             "resize the images beforehand, or, for classification, set image_size"
         )
+    problems += tissue_mask_problems(cfg.tissue_mask)
     if cfg.iterations_over_dataset == 0 and not w:
         problems.append(
             "iterations_over_dataset: 0 means 'predict only' and needs pretrained_weights (a trained run); "
             "set iterations_over_dataset to e.g. 50 to train"
         )
     return problems
+
+
+def tissue_mask_problems(setting: str) -> list[str]:
+    """``tissue_mask`` is ``auto``, ``none`` or an existing folder of masks."""
+    if setting in ("auto", "none") or Path(setting).expanduser().is_dir():
+        return []
+    return [f"tissue_mask: '{setting}' is neither 'auto', 'none' nor a folder; give 'auto' (find the tissue on each "
+            "slide), 'none' (predict the whole slide) or a folder of masks named like the slides (<slide>.png)"]
 
 
 def validate(cfg: Config) -> Inventory:

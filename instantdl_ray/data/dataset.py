@@ -29,6 +29,14 @@ def _open(path: str) -> Any:
     return read.open_array(path)
 
 
+@lru_cache(maxsize=16)
+def _open_view(path: str, level: int, scale: float, axes: str) -> Any:
+    """Per-process cache of inputs read at a pyramid level / resampled (``io.slide.open_view``)."""
+    from instantdl_ray.io.slide import View, open_view
+
+    return open_view(path, View(level, scale), axes)
+
+
 @lru_cache(maxsize=4)
 def _instance_label(paths_json: str) -> np.ndarray:
     return read.read_instance_masks([Path(p) for p in json.loads(paths_json)])
@@ -96,7 +104,8 @@ class ReadTiles:
 
     def read_image(self, image: str, origin: Sequence[int]) -> np.ndarray:
         p = self.plan
-        arr = _open(image)
+        view = p.extra.get("views", {}).get(image)  # a slide read at a level / resampled (prediction)
+        arr = _open_view(image, int(view["level"]), float(view["scale"]), p.axes) if view else _open(image)
         axes = read.image_axes(arr.shape, p.axes)
         if not self.task.pixelwise:
             chw = read.to_channel_first(np.asarray(arr[...]), axes)
@@ -267,8 +276,10 @@ def training_rows(
     return rows
 
 
-def grid_rows(samples: list[read.Sample], shapes: dict[str, tuple[int, ...]], plan: Plan, overlap: float) -> list[dict]:
-    """Spec rows covering each image with the prediction tile grid (validation / prediction)."""
+def grid_rows(samples: list[read.Sample], shapes: dict[str, tuple[int, ...]], plan: Plan, overlap: float,
+              keep: dict[str, list[int]] | None = None) -> list[dict]:
+    """Spec rows covering each image with the prediction tile grid (validation / prediction);
+    ``keep``: per image, the indices of the grid's tiles to read (a slide's tissue), else all."""
     from instantdl_ray.data.tile import grid_overlap, tile_grid
     from instantdl_ray.tasks import get_task
 
@@ -278,7 +289,10 @@ def grid_rows(samples: list[read.Sample], shapes: dict[str, tuple[int, ...]], pl
     for idx, s in enumerate(samples):
         sp = spatial_shape(shapes[str(s.image)], plan.axes)
         tiles = tile_grid(tuple(sp), tuple(plan.tile_shape), ov) if pixelwise else [None]
+        wanted = set(keep[str(s.image)]) if keep and str(s.image) in keep else None
         for t_idx, t in enumerate(tiles):
+            if wanted is not None and t_idx not in wanted:
+                continue
             origin = [0] * len(sp) if t is None else [int(sl.start) - int(p[0]) for sl, p in zip(t.read, t.pad)]
             rows.append({**spec_row(s, origin), "image_index": idx, "tile_index": t_idx, "seed": 0})
     return rows

@@ -266,12 +266,14 @@ class Sample:
 
     @property
     def stem(self) -> str:
-        return _stem(self.image)
+        """The name outputs take: the image's file name without its suffix, or the output name a
+        prediction manifest gave (``extra["stem"]``)."""
+        return self.extra.get("stem") or _stem(self.image)
 
 
 def _stem(path: Path) -> str:
     name = path.name
-    for suf in IMAGE_SUFFIXES:
+    for suf in (".ome.tif", ".ome.tiff", ".ome.zarr", *IMAGE_SUFFIXES):
         if name.lower().endswith(suf):
             return name[: -len(suf)]
     return path.stem

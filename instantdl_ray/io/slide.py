@@ -184,3 +184,177 @@ class SlideLevel:
 
     def close(self) -> None:
         self._slide.close()
+
+
+# ---------------------------------------------------------------- pyramids and resolution
+
+
+def level_count(path: str | Path) -> int:
+    """Number of pyramid levels of an image file: vendor slides and pyramidal / OME-TIFF (sub-IFD
+    levels) and OME-Zarr multiscales; 1 for anything else (or a file that cannot be opened)."""
+    path = Path(path)
+    try:
+        if is_slide(path):
+            return len(slide_info(path).levels)
+        suffix = path.suffix.lower()
+        if suffix in (".tif", ".tiff"):
+            import tifffile
+
+            with tifffile.TiffFile(str(path)) as tf:
+                return len(tf.series[0].levels or [tf.series[0]])
+        if suffix == ".zarr":
+            import zarr
+
+            node = zarr.open(str(path), mode="r")
+            if isinstance(node, zarr.Array):
+                return 1
+            ms = node.attrs.get("multiscales") or node.attrs.get("ome", {}).get("multiscales")
+            return len(ms[0]["datasets"]) if ms else 1
+    except Exception:
+        return 1
+    return 1
+
+
+def is_pyramid(path: str | Path) -> bool:
+    """A whole-slide input: a vendor slide, or an image file that holds a resolution pyramid."""
+    return is_slide(path) or level_count(path) > 1
+
+
+MAX_MPP = 50.0  # µm; a larger "pixel size" is a print resolution (72 dpi = 353 µm), not a microscope's
+
+
+def microscope_mpp(size: dict | None) -> float | None:
+    """The in-plane pixel size in µm (x) of a ``read.pixel_size`` result, or None when there is
+    none or it is a print resolution (above ``MAX_MPP``) that image editors write by default."""
+    if not size or not size.get("x"):
+        return None
+    x = float(size["x"])
+    return x if 0 < x <= MAX_MPP else None
+
+
+SCALE_TOLERANCE = 0.02  # a level within 2 % of the wanted pixel size is read as it is
+
+
+@dataclass(frozen=True)
+class View:
+    """How an input is read for a model: pyramid ``level``, then resampled by ``scale`` (output
+    pixels per level pixel; 1 = as stored), giving pixels of ``mpp`` µm (None when unknown)."""
+
+    level: int = 0
+    scale: float = 1.0
+    mpp: float | None = None
+
+    def to_dict(self) -> dict:
+        return {"level": self.level, "scale": self.scale, "mpp": self.mpp}
+
+
+def choose_view(info: SlideInfo | None, input_mpp: float | None, model_mpp: float | None) -> View:
+    """The level and resampling that give the model's pixel size ``model_mpp`` from an input whose
+    level 0 has ``input_mpp`` µm pixels (``info``: its pyramid; None for a one-level image).
+
+    The coarsest level that is still at least as fine as the model's pixels is read (so resampling
+    only shrinks) and resampled when it differs by more than ``SCALE_TOLERANCE``. Without either
+    pixel size the input is read as stored, at level 0."""
+    if not input_mpp or not model_mpp:
+        return View(0, 1.0, input_mpp or None)
+    level, down = 0, 1.0
+    if info is not None:
+        rel = SlideInfo(info.path, info.vendor, info.levels, info.downsamples, {"y": input_mpp, "x": input_mpp})
+        level = rel.level_for(model_mpp)
+        down = float(info.downsamples[level])
+    level_mpp = float(input_mpp) * down
+    scale = level_mpp / float(model_mpp)
+    if abs(scale - 1.0) <= SCALE_TOLERANCE:
+        return View(level, 1.0, level_mpp)
+    return View(level, scale, float(model_mpp))
+
+
+class Resampled:
+    """A lazily sliceable view of an array at ``scale`` times its resolution (``scale`` < 1
+    shrinks). ``axes`` names the array's axes; only ``Y`` and ``X`` are resampled.
+
+    Every output pixel is computed from the source alone (its centre maps to source coordinate
+    ``(i + 0.5) / scale - 0.5``; linear interpolation after a Gaussian anti-aliasing blur of
+    sigma ``(1 / scale - 1) / 2``, skimage's rule), with a margin read around each region, so
+    overlapping tiles get identical values where they overlap: no seams from resampling.
+    """
+
+    def __init__(self, arr: Any, scale: float, axes: str):
+        if scale <= 0:
+            raise ValueError(f"scale must be > 0, got {scale}")
+        self.arr, self.scale, self.axes = arr, float(scale), axes
+        self.spatial = [k for k, a in enumerate(axes) if a in "YX"]
+        shape = [int(s) for s in arr.shape]
+        for k in self.spatial:
+            shape[k] = max(1, int(round(shape[k] * self.scale)))
+        self.shape = tuple(shape)
+        self.ndim = len(shape)
+        self.dtype = np.dtype(np.float32)
+        self.sigma = max(0.0, (1.0 / self.scale - 1.0) / 2.0)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def _source_coords(self, start: int, stop: int, n_src: int) -> tuple[int, int, np.ndarray]:
+        c = (np.arange(start, stop, dtype=np.float64) + 0.5) / self.scale - 0.5
+        margin = int(np.ceil(4.0 * self.sigma)) + 2
+        lo = max(0, int(np.floor(c.min())) - margin) if len(c) else 0
+        hi = min(n_src, int(np.ceil(c.max())) + 2 + margin) if len(c) else 0
+        return lo, hi, np.clip(c, 0, n_src - 1) - lo
+
+    def __getitem__(self, index: Any) -> np.ndarray:
+        index = index if isinstance(index, tuple) else (index,)
+        if any(i is Ellipsis for i in index):
+            k = index.index(Ellipsis)
+            index = index[:k] + (slice(None),) * (self.ndim - len(index) + 1) + index[k + 1:]
+        index = index + (slice(None),) * (self.ndim - len(index))
+        src_index: list[Any] = list(index)
+        coords, after = {}, [slice(None)] * self.ndim
+        for k in self.spatial:
+            i = index[k]
+            if isinstance(i, (int, np.integer)):
+                i = slice(int(i), int(i) + 1)
+                after[k] = 0
+            if not isinstance(i, slice):
+                raise IndexError(f"unsupported index {index[k]!r} on a resampled axis (ints and slices only)")
+            r = range(*i.indices(self.shape[k]))
+            a, b = (min(r[0], r[-1]), max(r[0], r[-1]) + 1) if len(r) else (0, 0)
+            if len(r) and r.step != 1:  # read the span, then step through it
+                end = r[-1] - a + (1 if r.step > 0 else -1)
+                after[k] = slice(r[0] - a, None if end < 0 else end, r.step)
+            lo, hi, c = self._source_coords(a, b, int(self.arr.shape[k]))
+            src_index[k] = slice(lo, hi)
+            coords[k] = c
+        # non-spatial axes: indexed in the source (the spatial axes keep their positions)
+        keep = [k for k in range(self.ndim) if k in self.spatial or not isinstance(index[k], (int, np.integer))]
+        region = np.asarray(self.arr[tuple(src_index)], dtype=np.float32)
+        pos = {k: j for j, k in enumerate(keep)}
+        if self.sigma > 0:
+            from scipy.ndimage import gaussian_filter
+
+            sig = [self.sigma if k in self.spatial else 0.0 for k in keep]
+            region = gaussian_filter(region, sig, mode="nearest", truncate=4.0)
+        for k, c in coords.items():
+            ax = pos[k]
+            if region.shape[ax] == 0:
+                continue
+            i0 = np.floor(c).astype(np.int64)
+            f = (c - i0).astype(np.float32)
+            i1 = np.minimum(i0 + 1, region.shape[ax] - 1)
+            shape = [1] * region.ndim
+            shape[ax] = -1
+            f = f.reshape(shape)
+            region = np.take(region, i0, axis=ax) * (1 - f) + np.take(region, i1, axis=ax) * f
+        return region[tuple(after[k] for k in keep)]
+
+
+def open_view(path: str | Path, view: View | dict | None, axes: str) -> Any:
+    """The array the model reads for ``path``: its pyramid level ``view.level``, resampled by
+    ``view.scale`` when that is not 1 (``axes``: the plan's image axes, for which axes are Y, X)."""
+    from instantdl_ray.io.read import image_axes, open_array
+
+    view = View(**view) if isinstance(view, dict) else (view or View())
+    arr = open_array(path, view.level)
+    if view.scale == 1.0:
+        return arr
+    return Resampled(arr, view.scale, image_axes(arr.shape, axes))

@@ -228,6 +228,37 @@ def write_text(path: str | Path, text: str) -> Path:
     return Path(path)
 
 
+def write_ome_pyramid(path: str | Path, image: np.ndarray, mpp: float | None = None, downsamples=(2, 4),
+                      tile: int = 256, compression: str = "zlib") -> Path:
+    """A tiled pyramidal OME-TIFF (BigTIFF): ``image`` ``(Y, X)`` grey or ``(Y, X, 3)`` RGB at
+    level 0, the reduced levels (block means, ``downsamples`` x) as sub-IFDs, and the pixel size
+    ``mpp`` (µm) as ``PhysicalSizeX/Y``: what QuPath, Fiji (Bio-Formats) and OpenSlide-less readers open."""
+    import tifffile
+
+    rgb = image.ndim == 3
+    meta: dict[str, Any] = {"axes": "YXS" if rgb else "YX"}
+    if mpp is not None:
+        meta.update(PhysicalSizeX=mpp, PhysicalSizeXUnit="µm", PhysicalSizeY=mpp, PhysicalSizeYUnit="µm")
+    kw = {"tile": (tile, tile), "photometric": "rgb" if rgb else "minisblack", "compression": compression}
+    with atomic_path(path) as tmp:
+        with tifffile.TiffWriter(tmp, bigtiff=True, ome=True) as tw:
+            tw.write(image, subifds=len(downsamples), metadata=meta, **kw)
+            for k in downsamples:
+                h, w = image.shape[0] // k, image.shape[1] // k
+                lv = image[: h * k, : w * k].reshape(h, k, w, k, *image.shape[2:]).mean(axis=(1, 3))
+                tw.write(np.rint(lv).astype(image.dtype), subfiletype=1, **kw)
+    return Path(path)
+
+
+def write_png(path: str | Path, array: np.ndarray) -> Path:
+    """A uint8 ``(y, x)`` or ``(y, x, 3)`` image as PNG (masks and thumbnails)."""
+    from PIL import Image
+
+    with atomic_path(path) as tmp:
+        Image.fromarray(np.ascontiguousarray(array, dtype=np.uint8)).save(tmp, format="PNG")
+    return Path(path)
+
+
 def write_figure(fig: Any, path: str | Path, **kwargs: Any) -> Path:
     """A matplotlib figure (format from the suffix)."""
     with atomic_path(path) as tmp:

@@ -27,6 +27,7 @@ import numpy as np
 
 from instantdl_ray.io import read, write
 from instantdl_ray.config.plan import Plan
+from instantdl_ray.predict.inputs import output_pixel_size
 
 
 class Predictor:
@@ -151,8 +152,11 @@ def finish_records(pred_dir: Path, records: list[dict]) -> None:
 
 
 def predict(cfg, plan: Plan, samples: list[read.Sample], shapes: dict, model_path: Path, out_dir: Path,
-            resources, log=print, reuse: bool = False) -> list[dict]:
+            resources, log=print, reuse: bool = False, masks: dict | None = None) -> list[dict]:
     """Predict ``samples`` with the model at ``model_path``; write outputs under ``out_dir``.
+
+    ``masks``: per image path, a slide's tissue mask (``data.tissue.TissueMask``): only the tiles
+    that touch tissue are predicted, and background pixels get the background value.
 
     Returns one record per image: name, prediction/uncertainty paths (pixel tasks) or the
     class, probabilities and uncertainty (classification). With ``reuse`` (a resumed run), images
@@ -178,7 +182,15 @@ def predict(cfg, plan: Plan, samples: list[read.Sample], shapes: dict, model_pat
     if not samples:
         return sorted(records, key=lambda r: r["name"])
     passes = cfg.mc_passes if cfg.calculate_uncertainty and get_task(plan.task).mc_dropout(plan) else 1
-    rows = grid_rows(samples, shapes, plan, cfg.tile_overlap)
+    masks = masks or {}
+    ov = grid_overlap(plan, cfg.tile_overlap)
+    grids = {str(s.image): tile_grid(tuple(spatial_shape(shapes[str(s.image)], plan.axes)), tuple(plan.tile_shape), ov)
+             for s in samples if task.pixelwise}
+    keep = {k: m.tiles(grids[k]) or list(range(len(grids[k]))) for k, m in masks.items() if k in grids}
+    for s in samples:
+        if str(s.image) in keep:
+            log(f"{s.stem}: {len(keep[str(s.image)])} of {len(grids[str(s.image)])} tiles touch tissue")
+    rows = grid_rows(samples, shapes, plan, cfg.tile_overlap, keep=keep)
     ds = ray_dataset(rows, plan, with_target=False, rows_per_block=4)
     # the checkpoint's bytes, not a loaded state dict: the driver never imports torch for this
     # (~300 MB of RSS), and the actors on any node load it from the object store
@@ -212,10 +224,10 @@ def predict(cfg, plan: Plan, samples: list[read.Sample], shapes: dict, model_pat
                 continue
             if idx not in accs:
                 sp = tuple(spatial_shape(shapes[str(s.image)], plan.axes))
-                ov = grid_overlap(plan, cfg.tile_overlap)  # the grid grid_rows read
-                accs[idx] = ImageAccumulator(sp, tile_grid(sp, tuple(plan.tile_shape), ov), tuple(plan.tile_shape),
+                accs[idx] = ImageAccumulator(sp, grids[str(s.image)], tuple(plan.tile_shape),  # the grid grid_rows read
                                              scratch=out_dir / ".scratch" / s.stem,
-                                             keys=getattr(task, "finalize_inputs", None))
+                                             keys=getattr(task, "finalize_inputs", None),
+                                             active=keep.get(str(s.image)), mask=masks.get(str(s.image)))
             done_tiles += 1
             if accs[idx].add(t_idx, outputs):
                 records.append(write_image(s, accs.pop(idx), task, plan, pred_dir, unc_dir))
@@ -262,18 +274,18 @@ def write_image(s: read.Sample, acc, task, plan: Plan, pred_dir: Path, unc_dir: 
     it (``finalize_block``) or when they hold merged labels; anything else is finalised whole.
     """
     if acc.streaming and acc.labels is not None:
-        rec = _write_labels_blockwise(s, acc, pred_dir)
+        rec = _write_labels_blockwise(s, acc, plan, pred_dir)
     elif acc.streaming and hasattr(task, "finalize_block") and acc.stitched():
         rec = _write_blockwise(s, acc, task, plan, pred_dir, unc_dir)
     else:
-        return _write_pixel(s, task.finalize(acc.result(), plan), pred_dir, unc_dir)
+        return _write_pixel(s, task.finalize(acc.result(), plan), plan, pred_dir, unc_dir)
     acc.cleanup()
     return rec
 
 
-def _write_pixel(s: read.Sample, out: dict, pred_dir: Path, unc_dir: Path) -> dict:
+def _write_pixel(s: read.Sample, out: dict, plan: Plan, pred_dir: Path, unc_dir: Path) -> dict:
     pred = out["prediction"]
-    size = read.pixel_size(s.image)  # outputs keep the input's scale (Fiji, napari)
+    size = output_pixel_size(s, plan)  # outputs keep the input's scale (Fiji, napari)
     # a thresholded prediction is a 0/1 mask: written with a LUT that shows it in Fiji
     path = write.write_tiff(pred_dir / f"{s.stem}.tif", pred, pixel_size=size, binary=out.get("threshold") is not None)
     rec = {"name": s.stem, "image": str(s.image), "prediction": str(path), "uncertainty": None,
@@ -327,7 +339,7 @@ def _write_blockwise(s: read.Sample, acc, task, plan: Plan, pred_dir: Path, unc_
             if mi_z is None:
                 mi_z = write.output_zarr(unc_dir / f"{s.stem}{MI_SUFFIX}.zarr", (), acc.shape, np.float32)
             mi_z[b] = mi
-    size = read.pixel_size(s.image)
+    size = output_pixel_size(s, plan)
     rec = {"name": s.stem, "image": str(s.image), "prediction": str(write.write_tiff_tiles(pred_dir / f"{s.stem}.tif", pred_z, size)),
            "uncertainty": None, "groundtruth": s.groundtruth, "prediction_zarr": str(pred_dir / f"{s.stem}.zarr")}
     if unc_z is not None:
@@ -341,7 +353,7 @@ def _write_blockwise(s: read.Sample, acc, task, plan: Plan, pred_dir: Path, unc_
     return rec
 
 
-def _write_labels_blockwise(s: read.Sample, acc, pred_dir: Path) -> dict:
+def _write_labels_blockwise(s: read.Sample, acc, plan: Plan, pred_dir: Path) -> dict:
     """Large image with merged labels (Mask R-CNN): the label zarr block by block into
     ``predictions/<stem>.zarr`` (uint16, uint32 past 65535 objects), a tiled BigTIFF, and the
     objects table with areas and bounding boxes summed over blocks."""
@@ -364,7 +376,7 @@ def _write_labels_blockwise(s: read.Sample, acc, pred_dir: Path) -> dict:
             c = coords[d].astype(np.int64) + b[d].start
             np.minimum.at(lo[d], ids, c)
             np.maximum.at(hi[d], ids, c + 1)
-    path = write.write_tiff_tiles(pred_dir / f"{s.stem}.tif", pred_z, read.pixel_size(s.image))
+    path = write.write_tiff_tiles(pred_dir / f"{s.stem}.tif", pred_z, output_pixel_size(s, plan))
     write.write_csv(pred_dir / f"{s.stem}_objects.csv", _objects_header(nd),
                     ([int(i), f"{acc.object_scores.get(int(i), float('nan')):.4f}", int(area[i]),
                       *[int(x) for x in lo[:, i]], *[int(x) for x in hi[:, i]]] for i in np.nonzero(area)[0]))

@@ -86,13 +86,18 @@ class ImageAccumulator:
     spatial_shape: ``([Z,] Y, X)``; tiles: the prediction grid (``tile.tile_grid``); scratch: a
     folder for the streaming path (None: always in memory); keys: outputs to keep when streaming
     (None: all), e.g. ``("prob", "entropy")`` when the task's finalisation reads only those.
+    active: indices of the grid's tiles that will be added (a slide's tissue; None: all); pixels
+    no active tile covers come out 0. mask: a ``data.tissue.TissueMask`` (``region(block)``): its
+    background pixels come out 0 in every output, the background value.
     """
 
     def __init__(self, spatial_shape: tuple[int, ...], tiles: list[Tile], tile_shape: tuple[int, ...],
-                 scratch: Path | None = None, blend: str = "gaussian", keys: tuple[str, ...] | None = None):
+                 scratch: Path | None = None, blend: str = "gaussian", keys: tuple[str, ...] | None = None,
+                 active: list[int] | None = None, mask: Any = None):
         self.shape = tuple(int(s) for s in spatial_shape)
         self.tiles = tiles
-        self.remaining = len(tiles)
+        self.mask = mask
+        self.remaining = len(tiles) if active is None else len(active)
         self.weights = blend_weights(tuple(tile_shape), blend) if len(tiles) > 1 else np.ones(tile_shape, np.float32)
         self.scratch = Path(scratch) if scratch is not None else None
         self.streaming = self.scratch is not None and int(np.prod(self.shape)) > IN_MEMORY_LIMIT
@@ -105,7 +110,8 @@ class ImageAccumulator:
         self._axes: list[list[tuple[int, int, int, int]]] | None = None  # label grid, per axis
         self._fallback: dict[int, list[list[int]]] = {}  # merged large objects: id -> global bbox
         self._freed: set[int] = set()  # ids merged into another (renumbered once the image is complete)
-        self._blocks = _BlockSums(self.shape, tiles, self.scratch) if self.streaming else None
+        self._blocks = (_BlockSums(self.shape, tiles if active is None else [tiles[k] for k in active], self.scratch,
+                                   partial=active is not None, mask=mask) if self.streaming else None)
 
     # ---------------------------------------------------------------- adding tiles
 
@@ -305,9 +311,7 @@ class ImageAccumulator:
             for k, z in self._blocks.out.items():
                 out[k] = np.asarray(z[...])
         elif self.wsum is not None:
-            wsum = np.maximum(self.wsum, 1e-12)
-            for k, s in self.sums.items():
-                out[k] = s / wsum
+            out.update(self._means())
         if self.labels is not None:
             out["labels"] = np.asarray(self.labels[...]) if not isinstance(self.labels, np.ndarray) else self.labels
             out["object_scores"] = self.object_scores
@@ -319,10 +323,14 @@ class ImageAccumulator:
         with per-channel ``attrs["min"]`` / ``attrs["max"]``; numpy otherwise). Labels: ``.labels``."""
         if self._blocks is not None:
             return dict(self._blocks.out)
+        return self._means()
+
+    def _means(self) -> dict[str, np.ndarray]:
         if self.wsum is None:
             return {}
         wsum = np.maximum(self.wsum, 1e-12)
-        return {k: s / wsum for k, s in self.sums.items()}
+        keep = self.mask.region(tuple(slice(0, n) for n in self.shape)) if self.mask is not None else 1.0
+        return {k: s / wsum * keep for k, s in self.sums.items()}
 
     def blocks(self) -> list[tuple[slice, ...]]:
         """Spatial blocks (C order) to finalise the image by; the stitched zarr chunks on the streaming path."""
@@ -337,8 +345,10 @@ class _BlockSums:
     """Streaming weighted sums: per-block buffers, each written out (as a weighted mean) and freed
     as soon as every tile touching its block has been added. See the module docstring."""
 
-    def __init__(self, shape: tuple[int, ...], tiles: list[Tile], scratch: Path):
+    def __init__(self, shape: tuple[int, ...], tiles: list[Tile], scratch: Path, partial: bool = False,
+                 mask: Any = None):
         self.shape = shape
+        self.mask = mask
         self.block = stream_block(shape)
         self.grid = tuple(math.ceil(s / b) for s, b in zip(shape, self.block))
         self.scratch = scratch
@@ -347,7 +357,9 @@ class _BlockSums:
         self.pending = np.zeros(self.grid, np.int64)
         for t in tiles:
             self.pending[self._block_range(t)] += 1
-        if (self.pending == 0).any():
+        # partial: only some tiles come (a slide's tissue); blocks none touches stay at the fill, 0
+        self.untouched = bool((self.pending == 0).any())
+        if self.untouched and not partial:
             raise ValueError("the tile grid does not cover every block of the image")
         self.open: OrderedDict[tuple[int, ...], dict[str, np.ndarray]] = OrderedDict()
         self.open_bytes = 0
@@ -436,8 +448,9 @@ class _BlockSums:
             self.spilled.discard(cidx)
         wsum = np.maximum(buf.pop(WEIGHT), 1e-12)
         bsl = self._block_slices(cidx)
+        keep = self.mask.region(bsl) if self.mask is not None else 1.0
         for k, s in buf.items():
-            mean = s / wsum
+            mean = s / wsum * keep
             self.out[k][(slice(None),) + bsl] = mean
             flat = mean.reshape(mean.shape[0], -1)
             np.minimum(self.lo[k], flat.min(1), out=self.lo[k])
@@ -448,4 +461,7 @@ class _BlockSums:
         if self.open or self.spilled:
             raise RuntimeError(f"{len(self.open) + len(self.spilled)} block(s) still open after the last tile")
         for k, z in self.out.items():
+            if self.untouched:  # blocks no tile touched hold the fill value
+                np.minimum(self.lo[k], 0.0, out=self.lo[k])
+                np.maximum(self.hi[k], 0.0, out=self.hi[k])
             z.attrs.update({"min": [float(x) for x in self.lo[k]], "max": [float(x) for x in self.hi[k]]})

@@ -1,0 +1,147 @@
+"""What ``predict --input`` names, made ready for the model: images and whole slides.
+
+``gather`` turns a folder, one file, or a manifest CSV (columns ``slide``, optional ``mpp`` and
+``name``) into inputs; ``prepare`` opens each one as the model reads it: the pyramid level
+nearest to the model's pixel size, resampled where the level differs (``io.slide.choose_view``),
+the tissue mask of a slide (``data.tissue``, saved under ``tissue/``) and the intensity
+statistics of the tissue only (the glass of a slide would otherwise set the normalisation).
+Every problem of every input is collected and reported together, before any actor starts.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from instantdl_ray.config.plan import Plan, channel_stats, image_percentiles
+from instantdl_ray.errors import DataError
+from instantdl_ray.io import read, slide
+
+MANIFEST_COLUMNS = ("slide", "mpp", "name")
+
+
+@dataclass
+class Input:
+    path: Path
+    name: str
+    mpp: float | None = None  # the manifest's pixel size for this input (µm), overriding its metadata
+
+
+def gather(inputs: Path) -> tuple[list[Input], list[str]]:
+    """The inputs ``--input`` names and the problems found."""
+    if inputs.suffix.lower() == ".csv" and inputs.is_file():
+        return read_manifest(inputs)
+    if inputs.is_dir() and inputs.suffix.lower() != ".zarr":
+        folder = inputs / "test" / "image" if (inputs / "test" / "image").is_dir() else inputs
+        files = sorted(p for p in folder.iterdir() if read.is_image(p))
+    else:
+        files = [inputs] if inputs.exists() else []
+    if not files:
+        return [], [f"--input {inputs}: no images found (supported: {', '.join(read.IMAGE_SUFFIXES)}, "
+                    "or a manifest .csv with a 'slide' column)"]
+    return [Input(f, read._stem(f)) for f in files], []
+
+
+def read_manifest(path: Path) -> tuple[list[Input], list[str]]:
+    """A manifest CSV: ``slide`` (a path, relative to the CSV's folder or absolute), optional
+    ``mpp`` (µm per pixel, for slides whose files state none) and ``name`` (output name)."""
+    out, problems = [], []
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        cols = [c.strip().lower() for c in reader.fieldnames or []]
+        if "slide" not in cols:
+            return [], [f"{path}: a manifest needs a 'slide' column (found {cols or 'no header'}); "
+                        f"columns: {', '.join(MANIFEST_COLUMNS)} (mpp and name optional)"]
+        for n, row in enumerate(reader, start=2):
+            row = {k.strip().lower(): (v or "").strip() for k, v in row.items() if k}
+            if not row.get("slide"):
+                continue
+            p = Path(row["slide"]).expanduser()
+            p = p if p.is_absolute() else path.parent / p
+            mpp = None
+            if row.get("mpp"):
+                try:
+                    mpp = float(row["mpp"])
+                    assert mpp > 0
+                except (ValueError, AssertionError):
+                    problems.append(f"{path}, line {n}: mpp '{row['mpp']}' is not a positive number (µm per pixel)")
+            if not p.exists():
+                problems.append(f"{path}, line {n}: slide '{row['slide']}' not found ({p})")
+                continue
+            out.append(Input(p, row.get("name") or read._stem(p), mpp))
+    names = [i.name for i in out]
+    problems += [f"{path}: the name '{n}' is used for more than one slide; give each a distinct 'name'"
+                 for n in sorted({n for n in names if names.count(n) > 1})]
+    if not out and not problems:
+        problems.append(f"{path}: the manifest lists no slides")
+    return out, problems
+
+
+def prepare(inputs: list[Input], plan: Plan, tissue_setting: str, out_dir: Path, log: Callable = print
+            ) -> tuple[list[read.Sample], dict, dict, list[str]]:
+    """Open every input as the model reads it. Returns samples, their shapes (as read), tissue
+    masks (slides only) and the problems found; sets ``plan.extra["views"]`` (level, scale and
+    pixel size per input read other than as stored) and ``plan.image_norm``."""
+    from instantdl_ray.data.tissue import mask_for
+
+    samples, shapes, masks, problems = [], {}, {}, []
+    views = plan.extra.setdefault("views", {})
+    for inp in inputs:
+        f = inp.path
+        try:
+            pyramid = slide.is_pyramid(f)
+            input_mpp = inp.mpp or slide.microscope_mpp(read.pixel_size(f))
+            if pyramid and plan.mpp and not input_mpp:
+                problems.append(
+                    f"{f}: this slide states no pixel size, so the level that matches the model's {plan.mpp:g} µm/px "
+                    "cannot be chosen. List it in a manifest CSV with its pixel size (columns: slide,mpp) and pass "
+                    "--input manifest.csv")
+                continue
+            view = slide.choose_view(slide.slide_info(f) if pyramid else None, input_mpp, plan.mpp)
+            arr = slide.open_view(f, view, plan.axes)
+            shape = tuple(int(s) for s in arr.shape)
+        except Exception as e:
+            problems.append(f"{f}: cannot be read ({type(e).__name__}: {e})")
+            continue
+        if len(shape) not in (len(plan.axes), len(plan.axes) - 1):
+            problems.append(f"{f}: shape {shape} does not fit the trained model's axes '{plan.axes}'")
+            continue
+        s = read.Sample(inp.name, f, None, {"stem": inp.name})
+        if view.level or view.scale != 1:
+            views[str(f)] = view.to_dict()
+            log(f"{inp.name}: level {view.level}" + (f", resampled x{view.scale:.3f}" if view.scale != 1 else "")
+                + f" -> {view.mpp:g} µm/px, {shape}")
+        axes = read.image_axes(shape, plan.axes)
+        spatial = tuple(n for n, a in zip(shape, axes) if a in "YX")
+        mask = None
+        if pyramid:
+            try:
+                mask = mask_for(f, spatial, tissue_setting, plan.tile_shape, out_dir / "tissue", inp.name)
+            except DataError as e:
+                problems += e.problems
+                continue
+            if mask is not None and mask.fraction == 0:
+                log(f"{inp.name}: no tissue found (see tissue/{inp.name}_thumbnail.png); predicting the whole slide")
+                mask = None
+            elif mask is not None:
+                log(f"{inp.name}: tissue covers {100 * mask.fraction:.1f} % of the slide")
+        augment = plan.extra.get("augment")
+        if mask is not None:
+            masks[str(f)] = mask
+            plan.image_norm[str(f)] = channel_stats(mask.sample(arr, axes), augment)
+        else:
+            plan.image_norm.setdefault(str(f), image_percentiles(f, plan.axes, augment))
+        samples.append(s)
+        shapes[str(f)] = shape
+    return samples, shapes, masks, problems
+
+
+def output_pixel_size(s: read.Sample, plan: Plan) -> dict | None:
+    """The pixel size (µm) of an input's predictions: the model's grid where the input was
+    resampled or read at a pyramid level, else the input file's own."""
+    view = plan.extra.get("views", {}).get(str(s.image))
+    if view and view.get("mpp"):
+        return {"y": float(view["mpp"]), "x": float(view["mpp"])}
+    return read.pixel_size(s.image)

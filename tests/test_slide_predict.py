@@ -1,0 +1,289 @@
+"""Slides at the model's resolution, only where there is tissue (issue 14, items 2-4 in part).
+
+The resampled view, the choice of pyramid level, tissue detection on synthetic slides with a known
+tissue area, tissue-only normalisation, manifests, partial tile grids in the stitcher, the model's
+pixel size in the plan, and (with Ray) ``predict --input`` on a folder holding an Aperio ``.svs``
+and an OME-TIFF pyramid, both written by the tests.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+
+from conftest import tissue_image, write_aperio_svs, write_ome_pyramid
+from instantdl_ray.config.plan import Plan, image_percentiles, model_mpp
+from instantdl_ray.data.tile import tile_grid
+from instantdl_ray.data.tissue import TissueMask, detect_tissue, mask_for
+from instantdl_ray.errors import ConfigError
+from instantdl_ray.io import read, slide
+from instantdl_ray.io.slide import Resampled, SlideInfo, View, choose_view
+from instantdl_ray.predict.inputs import Input, gather, prepare, read_manifest
+from instantdl_ray.predict.stitch import ImageAccumulator
+
+
+def _plan(axes="YX", in_channels=1, mpp=None, tile=(128, 128)) -> Plan:
+    return Plan(task="semantic", spatial_dims=2, axes=axes, target_axes="YX", in_channels=in_channels,
+                out_channels=1, num_classes=1, class_names=["background", "foreground"], tile_shape=list(tile),
+                image_size=None, model="unet", loss="dice_crossentropy", dropout=0.2,
+                extra={"model_options": {"features": [4, 4, 8, 8, 16, 4]}}, mpp=mpp)
+
+
+def _grey_slide(shape=(2048, 2048), boxes=((200, 300, 256, 256), (1400, 1500, 256, 300)), seed=0):
+    """Dark fluorescence 'glass' (camera noise) with bright textured patches at ``boxes``."""
+    rng = np.random.default_rng(seed)
+    img = rng.normal(8, 2, shape)
+    truth = np.zeros(shape, bool)
+    for y, x, h, w in boxes:
+        img[y:y + h, x:x + w] += 60 + 30 * rng.random((h, w))
+        truth[y:y + h, x:x + w] = True
+    return np.clip(img, 0, 255).astype(np.uint8), truth
+
+
+# ---------------------------------------------------------------- resampling and levels
+
+
+def test_resampled_view_equals_skimage_rescale_and_any_region_equals_the_whole():
+    from skimage.transform import rescale
+
+    a = np.random.default_rng(0).random((300, 200, 3)).astype(np.float32)
+    r = Resampled(a, 0.5, "YXC")
+    whole = r[:, :]
+    assert whole.shape == r.shape == (150, 100, 3)
+    ref = rescale(a, 0.5, channel_axis=2, order=1, anti_aliasing=True)
+    np.testing.assert_allclose(whole[4:-4, 4:-4], ref[4:-4, 4:-4], atol=1e-5)
+    # every region (a tile of any origin) holds exactly the pixels of the whole: no resampling seams
+    for idx in [(slice(40, 90), slice(10, 77)), (slice(None, None, 3), slice(5, 50, 2), 1), (7, 3),
+                (slice(80, 10, -7),), (Ellipsis, 2)]:
+        np.testing.assert_array_equal(r[idx], whole[idx])
+    up = Resampled(a[..., 0], 1.5, "YX")
+    np.testing.assert_array_equal(up[30:60, 20:40], up[:, :][30:60, 20:40])
+
+
+def test_choose_view_reads_the_nearest_finer_level_and_resamples_only_when_it_differs():
+    info = SlideInfo("s", "aperio", ((4000, 4000), (1000, 1000), (250, 250)), (1.0, 4.0, 16.0), {"y": 0.25, "x": 0.25})
+    assert choose_view(info, 0.25, 1.0) == View(1, 1.0, 1.0)  # level 1 is exactly 1 µm/px
+    assert choose_view(info, 0.25, 0.5) == View(0, 0.5, 0.5)  # between levels: the finer one, shrunk
+    assert choose_view(info, 0.25, 4.0) == View(2, 1.0, 4.0)
+    assert choose_view(info, 0.25, 8.0) == View(2, 0.5, 8.0)
+    assert choose_view(info, 0.25, 0.252) == View(0, 1.0, 0.25)  # within 2 %: read as stored
+    assert choose_view(info, 0.25, 0.125) == View(0, 2.0, 0.125)  # finer than the scan: enlarged
+    assert choose_view(info, None, 0.5) == View(0, 1.0, None)  # no pixel size: as stored
+    assert choose_view(None, 0.3, 0.6) == View(0, 0.5, 0.6)  # a one-level image
+
+
+def test_model_mpp_comes_from_the_setting_or_the_training_images_metadata(tmp_path):
+    samples = []
+    for k in range(3):
+        p = tmp_path / f"im{k}.tif"
+        tifffile.imwrite(p, np.zeros((8, 8), np.uint8), imagej=True, resolution=(1 / 0.5, 1 / 0.5), metadata={"unit": "um"})
+        samples.append(read.Sample(p.stem, p))
+    assert model_mpp(None, samples) == (pytest.approx(0.5), "metadata")
+    assert model_mpp(0.5, samples) == (0.5, "config")
+    with pytest.raises(ConfigError, match=r"mpp: 0.25 .*im0.tif.*0.5 µm/px"):
+        model_mpp(0.25, samples)
+    png = tmp_path / "print.png"  # 72 dpi: a print resolution, not a microscope's pixel size
+    from PIL import Image
+
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(png, dpi=(72, 72))
+    assert read.pixel_size(png)["x"] == pytest.approx(352.78, rel=1e-3)
+    assert model_mpp(None, [read.Sample("p", png)]) == (None, None)
+    assert model_mpp(None, samples + [read.Sample("p", png)]) == (None, None)  # not every image states one
+
+
+# ---------------------------------------------------------------- tissue
+
+
+def test_detect_tissue_finds_the_known_tissue_of_a_colour_slide_and_none_on_glass():
+    rng = np.random.default_rng(1)
+    img = tissue_image()
+    noisy = np.clip(img.astype(int) + rng.normal(0, 4, img.shape), 0, 255).astype(np.uint8)
+    truth = np.zeros(img.shape[:2], bool)
+    truth[300:900, 400:1300] = truth[1000:1400, 1500:1900] = True
+    m = detect_tissue(noisy[::4, ::4])
+    t = truth[::4, ::4]
+    assert (m & t).sum() / (m | t).sum() > 0.97
+    glass = np.clip(236 + rng.normal(0, 4, (384, 512, 3)), 0, 255).astype(np.uint8)
+    assert not detect_tissue(glass).any()
+    assert not detect_tissue(np.clip(rng.normal(10, 2, (384, 512)), 0, 255)).any()  # grey noise only
+
+
+@pytest.mark.parametrize("dark_background", [True, False])
+def test_detect_tissue_on_one_channel_finds_the_side_the_tissue_lies_on(dark_background):
+    img, truth = _grey_slide((512, 512), ((50, 60, 100, 150), (300, 300, 120, 100)))
+    img = img if dark_background else 255 - img  # fluorescence vs grey bright-field
+    m = detect_tissue(img)
+    assert (m & truth).sum() / (m | truth).sum() > 0.95
+
+
+def test_tissue_mask_selects_the_tiles_that_touch_tissue_and_maps_blocks():
+    mask = np.zeros((64, 64), bool)
+    mask[10:20, 40:50] = True
+    tm = TissueMask(mask, (1024, 1024))  # 16 image px per mask px
+    assert tm.fraction == pytest.approx(100 / 64**2)
+    tiles = tile_grid((1024, 1024), (256, 256), (64, 64))
+    keep = tm.tiles(tiles)
+    want = [k for k, t in enumerate(tiles) if t.read[0].start < 320 and t.read[0].stop > 160
+            and t.read[1].start < 800 and t.read[1].stop > 640]
+    assert keep == want and 0 < len(keep) < len(tiles)
+    region = tm.region((slice(150, 170), slice(630, 650)))
+    assert region.shape == (20, 20)
+    assert not region[:10].any() and region[10:, 10:].all()
+
+
+def test_grey_slide_prepared_at_the_models_resolution_with_statistics_of_its_tissue(tmp_path):
+    """0.02 % of the slide is tissue: the whole slide's percentiles are those of the glass noise
+    (the issue's failure: noise stretched to the full range, every glass tile called nuclei); the
+    prepared slide's come from the tissue and its margin, as a training tile's do."""
+    img, truth = _grey_slide(boxes=((1000, 1000, 32, 32),))
+    path = write_ome_pyramid(tmp_path / "fluo.ome.tif", img, mpp=0.25, downsamples=(2, 4))
+    plan = _plan(mpp=0.5)
+    lines = []
+    samples, shapes, masks, problems = prepare([Input(path, "fluo")], plan, "auto", tmp_path / "out", log=lines.append)
+    assert problems == []
+    assert [s.stem for s in samples] == ["fluo"] and shapes[str(path)] == (1024, 1024)  # level 1: 0.5 µm/px
+    assert plan.extra["views"][str(path)] == {"level": 1, "scale": 1.0, "mpp": 0.5}
+    m = masks[str(path)]
+    assert m.shape == (1024, 1024)
+    region = m.region((slice(0, 1024), slice(0, 1024)))
+    half = truth[::2, ::2]
+    assert region[half].all()  # all tissue kept ...
+    assert region[~half].mean() < 0.02  # ... and the glass left out, but for a margin
+    lo, hi = plan.image_norm[str(path)][0]
+    whole_lo, whole_hi = image_percentiles(path, "YX")[0]
+    assert whole_hi < 20  # the glass's noise
+    assert hi > 60 and lo < 20  # the tissue's brightest, the darkest of its surroundings
+    assert (tmp_path / "out" / "tissue" / "fluo.png").exists()
+    thumb = np.asarray(__import__("PIL.Image").Image.open(tmp_path / "out" / "tissue" / "fluo_thumbnail.png"))
+    assert thumb.ndim == 3 and ((thumb == (0, 220, 0)).all(-1)).any()  # the mask's outline drawn
+    assert any("tissue covers" in ln for ln in lines)
+
+
+def test_slide_without_pixel_size_is_refused_naming_the_manifest_fix(tmp_path):
+    img, _ = _grey_slide((512, 512), ((100, 100, 200, 200),))
+    path = write_ome_pyramid(tmp_path / "nompp.ome.tif", img, mpp=None)
+    samples, _, _, problems = prepare([Input(path, "nompp")], _plan(mpp=0.5), "auto", tmp_path / "out", log=print)
+    assert samples == [] and len(problems) == 1
+    assert "nompp.ome.tif" in problems[0] and "no pixel size" in problems[0] and "slide,mpp" in problems[0]
+    # the manifest's mpp fixes it
+    samples, _, _, problems = prepare([Input(path, "nompp", mpp=0.25)], _plan(mpp=0.5), "none", tmp_path / "o2", log=print)
+    assert problems == [] and len(samples) == 1
+
+
+def test_manifest_rows_paths_names_and_problems(tmp_path):
+    img, _ = _grey_slide((256, 256), ())
+    write_ome_pyramid(tmp_path / "a.ome.tif", img, mpp=0.5)
+    (tmp_path / "sub").mkdir()
+    write_ome_pyramid(tmp_path / "sub" / "b.ome.tif", img, mpp=None)
+    man = tmp_path / "m.csv"
+    man.write_text("Slide,MPP,name\na.ome.tif,,\nsub/b.ome.tif,0.5,bee\n")
+    found, problems = read_manifest(man)
+    assert problems == [] and [(i.path.name, i.name, i.mpp) for i in found] == [("a.ome.tif", "a", None), ("b.ome.tif", "bee", 0.5)]
+    assert gather(man)[0] == found
+    man.write_text("slide,mpp\nmissing.svs,\na.ome.tif,zero\na.ome.tif,\n")
+    found, problems = read_manifest(man)
+    text = "\n".join(problems)
+    assert "line 2: slide 'missing.svs' not found" in text and "line 3: mpp 'zero'" in text
+    assert "name 'a' is used for more than one slide" in text
+    man.write_text("file\nx.svs\n")
+    assert "needs a 'slide' column" in read_manifest(man)[1][0]
+
+
+def test_missing_mask_in_a_mask_folder_is_reported(tmp_path):
+    img, _ = _grey_slide((512, 512), ((100, 100, 200, 200),))
+    path = write_ome_pyramid(tmp_path / "s.ome.tif", img, mpp=0.5)
+    (tmp_path / "masks").mkdir()
+    _, _, _, problems = prepare([Input(path, "s")], _plan(), str(tmp_path / "masks"), tmp_path / "out", log=print)
+    assert len(problems) == 1 and "holds no mask named 's.*'" in problems[0]
+    m = np.zeros((32, 32), np.uint8)
+    m[4:12, 4:12] = 255
+    from PIL import Image
+
+    Image.fromarray(m).save(tmp_path / "masks" / "s.png")
+    tm = mask_for(path, (512, 512), str(tmp_path / "masks"), (128, 128))
+    assert tm.fraction == pytest.approx(64 / 1024) and tm.region((slice(64, 65), slice(64, 65))).all()
+
+
+# ---------------------------------------------------------------- stitching a partial grid
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_accumulator_with_tissue_tiles_only_gives_background_elsewhere(tmp_path, monkeypatch, streaming):
+    import instantdl_ray.predict.stitch as stitch
+
+    if streaming:
+        monkeypatch.setattr(stitch, "IN_MEMORY_LIMIT", 1000)
+        monkeypatch.setattr(stitch, "STREAM_BLOCK", 128)
+    shape, tile = (512, 512), (128, 128)
+    tiles = tile_grid(shape, tile, (32, 32))
+    mask = np.zeros((16, 16), bool)
+    mask[2:6, 2:6] = True  # image px 64..192
+    tm = TissueMask(mask, shape)
+    active = tm.tiles(tiles)
+    acc = ImageAccumulator(shape, tiles, tile, scratch=tmp_path / "s", active=active, mask=tm)
+    done = [acc.add(k, {"prob": np.full((1,) + tile, 0.8, np.float32)}) for k in active]
+    assert done[-1] and not any(done[:-1])
+    assert acc.streaming == streaming
+    out = np.asarray(acc.stitched()["prob"][...]) if streaming else acc.result()["prob"]
+    inside = tm.region((slice(0, 512), slice(0, 512)))
+    np.testing.assert_allclose(out[0][inside], 0.8, rtol=1e-5)
+    assert not out[0][~inside].any()
+    if streaming:
+        assert acc.stitched()["prob"].attrs["min"] == [0.0]
+        acc.cleanup()
+
+
+# ---------------------------------------------------------------- end to end, with Ray
+
+
+def test_predict_a_folder_with_an_svs_and_an_ome_tiff_only_where_there_is_tissue(ray_session, tmp_path):
+    """``predict --input`` on a folder holding an Aperio ``.svs`` (RGB, 0.25 µm/px, levels 1 and
+    1/4) and an OME-TIFF pyramid (0.5 µm/px) with a colour model working at 0.5 µm/px: the ``.svs``
+    is read at level 0 and resampled by 1/2 (its level 1 is coarser than the model), the OME-TIFF
+    as stored; both only where there is tissue, background 0 elsewhere, the pixel size recorded;
+    masks and thumbnails saved. A threshold near 0 marks every pixel the model saw."""
+    import torch
+
+    from instantdl_ray import pipeline
+    from instantdl_ray.config import schema as config_mod
+    from instantdl_ray.models import build_model
+
+    rgb = tissue_image((1024, 1536))
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    write_aperio_svs(slides / "he.svs", np.repeat(np.repeat(rgb, 2, 0), 2, 1), mpp=0.25, downsamples=(4,))
+    write_ome_pyramid(slides / "he2.ome.tif", rgb, mpp=0.5, downsamples=(2, 4))
+    (slides / "notes.txt").write_text("not an image")
+
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints" / "best").mkdir(parents=True)
+    (tmp_path / "data" / "train" / "image").mkdir(parents=True)
+    cfg = config_mod.from_dict({"use_algorithm": "SemanticSegmentation", "path": str(tmp_path / "data")})
+    config_mod.dump(cfg, run_dir / "config.yaml")
+    plan = _plan(axes="YXC", in_channels=3, mpp=0.5, tile=(256, 256))
+    plan.to_json(run_dir / "plan.json")
+    torch.manual_seed(0)
+    model = build_model("unet", in_channels=3, out_channels=1, spatial_dims=2, dropout=0.2, features=[4, 4, 8, 8, 16, 4])
+    torch.save(model.state_dict(), run_dir / "checkpoints" / "best" / "model.pt")
+
+    out = pipeline.predict_new(run_dir, slides, out=tmp_path / "out", overrides=["calculate_uncertainty=false", "threshold=1e-9"])
+    log = (out / "predict.log").read_text()
+    truth = np.zeros(rgb.shape[:2], bool)
+    truth[300:900, 400:1300] = True  # tissue_image's first patch (its second lies at the corner)
+    for name in ("he", "he2"):
+        pred = tifffile.imread(out / "predictions" / f"{name}.tif")
+        assert pred.shape == (1024, 1536), name  # both at 0.5 µm/px
+        assert read.pixel_size(out / "predictions" / f"{name}.tif") == pytest.approx({"y": 0.5, "x": 0.5})
+        assert pred[truth].mean() > 0.99, name  # the tissue was predicted ...
+        far = np.ones_like(truth)
+        far[200:1024, 300:1536] = False
+        assert not pred[far].any(), name  # ... the glass far from it was not: background 0
+        assert (out / "tissue" / f"{name}.png").exists() and (out / "tissue" / f"{name}_thumbnail.png").exists()
+        assert f"{name}: tissue covers" in log
+    assert "he: level 0, resampled x0.500 -> 0.5 µm/px" in log
+    n_tiles = len(tile_grid((1024, 1536), (256, 256), (64, 64)))
+    counts = [int(ln.split(": ")[1].split(" of ")[0]) for ln in log.splitlines() if "tiles touch tissue" in ln]
+    assert len(counts) == 2 and all(c < n_tiles for c in counts)
