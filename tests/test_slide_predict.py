@@ -236,6 +236,99 @@ def test_accumulator_with_tissue_tiles_only_gives_background_elsewhere(tmp_path,
         acc.cleanup()
 
 
+# ---------------------------------------------------------------- outputs pathology tools open
+
+
+def check_ome_zarr(path: Path, shape: tuple[int, int], mpp: float, labels: bool = True) -> None:
+    """``path`` reads back with ``ome-zarr``'s reader: an NGFF 0.4 pyramid of ``shape`` at ``mpp``
+    µm/px (micrometre axes) and, for segmentations, the mask under ``labels/prediction``."""
+    from ome_zarr.io import parse_url
+    from ome_zarr.reader import Reader
+
+    nodes = list(Reader(parse_url(str(path)))())
+    image = nodes[0]
+    assert tuple(image.data[0].shape[-2:]) == shape
+    ms = image.metadata
+    assert ms["coordinateTransformations"][0][0]["scale"][-2:] == [mpp, mpp]
+    assert [a.get("unit") for a in ms["axes"]][-2:] == ["micrometer", "micrometer"]
+    assert len(image.data) > 1  # a pyramid
+    names = [n.zarr.path.rstrip("/").rsplit("/", 1)[-1] for n in nodes]
+    assert ("prediction" in names) == labels
+
+
+def check_qupath_geojson(path: Path, object_type: str) -> list:
+    """A valid GeoJSON FeatureCollection with the fields QuPath's importer reads; its polygons."""
+    import geojson
+    from shapely.geometry import shape
+
+    fc = geojson.loads(path.read_text())
+    assert fc["type"] == "FeatureCollection" and fc.is_valid and fc["features"]
+    polys = []
+    for feat in fc["features"]:
+        props = feat["properties"]
+        assert props["objectType"] == object_type
+        assert isinstance(props["classification"]["name"], str) and len(props["classification"]["color"]) == 3
+        assert any(k.startswith("Area") for k in props["measurements"])
+        g = shape(feat["geometry"])
+        assert g.is_valid and g.area > 0 and g.geom_type in ("Polygon", "MultiPolygon")
+        polys.append(g)
+    return polys
+
+
+def test_instance_geojson_one_detection_per_object_with_holes_and_measurements(tmp_path):
+    from instantdl_ray.io import write
+    from instantdl_ray.predict.shapes import instance_features, write_geojson
+
+    lab = np.zeros((300, 400), np.uint16)
+    yy, xx = np.mgrid[:300, :400]
+    lab[(yy - 100) ** 2 + (xx - 100) ** 2 < 40 ** 2] = 1
+    lab[(yy - 100) ** 2 + (xx - 100) ** 2 < 10 ** 2] = 0  # a ring: one hole
+    lab[200:260, 250:380] = 2
+    write.write_csv(tmp_path / "o.csv", ["id", "score", "area", "y_min", "x_min", "y_max", "x_max"],
+                    [[1, "0.9", int((lab == 1).sum()), 60, 60, 141, 141], [2, "nan", 60 * 130, 200, 250, 260, 380]])
+    unc = np.full(lab.shape, 0.25, np.float32)
+    feats = list(instance_features(lab, tmp_path / "o.csv", factor=2.0, mpp=0.5, name="nucleus", uncertainty=unc))
+    write_geojson(tmp_path / "o.geojson", feats)
+    polys = check_qupath_geojson(tmp_path / "o.geojson", "detection")
+    assert len(polys) == 2
+    ring, box = polys
+    assert len(ring.interiors) == 1  # the hole kept
+    assert ring.area == pytest.approx(np.pi * (40**2 - 10**2) * 4, rel=0.05)  # level-0 px: factor 2
+    assert box.bounds == pytest.approx((500, 400, 760, 520), abs=2)
+    m = feats[0]["properties"]["measurements"]
+    assert m["Area µm^2"] == pytest.approx((lab == 1).sum() * 0.25) and m["score"] == 0.9
+    assert m["mean uncertainty"] == pytest.approx(0.25)
+    assert feats[1]["properties"]["measurements"]["score"] is None
+
+
+def test_semantic_geojson_joins_regions_cut_by_the_band_border(tmp_path, monkeypatch):
+    import instantdl_ray.predict.shapes as shapes_mod
+
+    monkeypatch.setattr(shapes_mod, "BAND", 64)  # the big region crosses two band borders
+    mask = np.zeros((200, 200), np.uint8)
+    mask[20:180, 20:60] = 1
+    mask[50:70, 100:120] = 1
+    feats = list(shapes_mod.class_features(mask, ["background", "tumour"], factor=1.0, mpp=None))
+    shapes_mod.write_geojson(tmp_path / "s.geojson", feats)
+    polys = sorted(check_qupath_geojson(tmp_path / "s.geojson", "annotation"), key=lambda p: -p.area)
+    assert len(polys) == 2
+    assert polys[0].area == pytest.approx(160 * 40, rel=0.03) and polys[0].geom_type == "Polygon"
+    assert feats[0]["properties"]["classification"]["name"] == "tumour"
+
+
+def test_ome_zarr_writer_round_trip(tmp_path):
+    from instantdl_ray.io import write
+
+    img = np.random.default_rng(0).random((2, 1500, 1100)).astype(np.float32)
+    write.write_ome_zarr(tmp_path / "x.ome.zarr", img, ["prediction", "uncertainty"], mpp=0.5,
+                         labels={"prediction": (img[0] > 0.5).astype(np.uint8)})
+    check_ome_zarr(tmp_path / "x.ome.zarr", (1500, 1100), 0.5)
+    import zarr
+
+    np.testing.assert_array_equal(np.asarray(zarr.open_group(str(tmp_path / "x.ome.zarr"), mode="r")["s0"]), img)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
+
+
 # ---------------------------------------------------------------- end to end, with Ray
 
 
@@ -283,6 +376,12 @@ def test_predict_a_folder_with_an_svs_and_an_ome_tiff_only_where_there_is_tissue
         assert not pred[far].any(), name  # ... the glass far from it was not: background 0
         assert (out / "tissue" / f"{name}.png").exists() and (out / "tissue" / f"{name}_thumbnail.png").exists()
         assert f"{name}: tissue covers" in log
+        check_ome_zarr(out / "predictions" / f"{name}.ome.zarr", (1024, 1536), 0.5)
+        polys = check_qupath_geojson(out / "predictions" / f"{name}.geojson", "annotation")
+        # the tissue's region, in the slide's level-0 pixels (the .svs: 0.25 µm/px, twice the model's)
+        f = 2 if name == "he" else 1
+        x0, y0, x1, y1 = max(polys, key=lambda p: p.area).bounds
+        assert abs(y0 - 300 * f) < 40 * f and abs(x0 - 400 * f) < 40 * f and abs(y1 - 900 * f) < 40 * f
     assert "he: level 0, resampled x0.500 -> 0.5 µm/px" in log
     n_tiles = len(tile_grid((1024, 1536), (256, 256), (64, 64)))
     counts = [int(ln.split(": ")[1].split(" of ")[0]) for ln in log.splitlines() if "tiles touch tissue" in ln]

@@ -250,6 +250,64 @@ def write_ome_pyramid(path: str | Path, image: np.ndarray, mpp: float | None = N
     return Path(path)
 
 
+@contextlib.contextmanager
+def atomic_dir(path: str | Path):
+    """Yield a temporary folder next to ``path``; on success it replaces ``path`` (a zarr store is a
+    folder: it appears under its final name only when complete), on an exception it is removed."""
+    import shutil
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", suffix=path.suffix, dir=path.parent))
+    try:
+        yield tmp
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+OME_ZARR_CHUNK = 512
+
+
+def write_ome_zarr(path: str | Path, image: Any, channel_names: Sequence[str], mpp: float | None = None,
+                   labels: dict[str, Any] | None = None) -> Path:
+    """An OME-Zarr (NGFF 0.4) image: ``image`` ``(C, Y, X)`` (numpy, or any lazily sliceable array:
+    it is read chunk by chunk through dask) as a multiscale pyramid with the pixel size ``mpp`` (µm)
+    in its coordinate transformations, and each of ``labels`` (``(Y, X)`` integer images) under
+    ``labels/<name>``, as napari (napari-ome-zarr), QuPath and Fiji (OME-Zarr readers) open them.
+    Written with ``ome-zarr``'s writer; the store appears only when complete."""
+    import dask.array as da
+    import zarr
+    from ome_zarr.format import FormatV04
+    from ome_zarr.writer import write_image, write_labels
+
+    fmt = FormatV04()
+    scale = {"y": float(mpp), "x": float(mpp)} if mpp else None
+    units = {"y": "micrometer", "x": "micrometer"} if mpp else None
+    ny, nx = (int(n) for n in image.shape[-2:])
+    levels = max(0, int(math.floor(math.log2(max(ny, nx) / OME_ZARR_CHUNK))) + 1) if max(ny, nx) > OME_ZARR_CHUNK else 0
+    factors = tuple(2 ** k for k in range(1, min(levels, 6) + 1))
+    chunk = (1, min(OME_ZARR_CHUNK, ny), min(OME_ZARR_CHUNK, nx))
+
+    def lazy(a, chunks):
+        return a if isinstance(a, (np.ndarray, da.Array)) else da.from_array(a, chunks=chunks)
+
+    with atomic_dir(path) as tmp:
+        root = zarr.open_group(str(tmp), mode="w", zarr_format=2)
+        kw = {"scale": scale, "axes_units": units} if scale else {}
+        write_image(lazy(image, chunk), group=root, axes="cyx", scale_factors=factors, fmt=fmt,
+                    storage_options={"chunks": chunk}, **({"scale": {"c": 1.0, **scale}, "axes_units": units} if scale else {}))
+        root.attrs["omero"] = {"channels": [{"label": str(n), "active": True} for n in channel_names],
+                               "version": "0.4"}
+        for name, lab in (labels or {}).items():
+            write_labels(lazy(lab, chunk[1:]), group=root, name=name, axes="yx", scaler=None, scale_factors=factors, fmt=fmt,
+                         storage_options={"chunks": chunk[1:]}, **kw)
+    return Path(path)
+
+
 def write_png(path: str | Path, array: np.ndarray) -> Path:
     """A uint8 ``(y, x)`` or ``(y, x, 3)`` image as PNG (masks and thumbnails)."""
     from PIL import Image

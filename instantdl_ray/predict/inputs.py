@@ -99,7 +99,8 @@ def prepare(inputs: list[Input], plan: Plan, tissue_setting: str, out_dir: Path,
                     "cannot be chosen. List it in a manifest CSV with its pixel size (columns: slide,mpp) and pass "
                     "--input manifest.csv")
                 continue
-            view = slide.choose_view(slide.slide_info(f) if pyramid else None, input_mpp, plan.mpp)
+            info = slide.slide_info(f) if pyramid else None
+            view = slide.choose_view(info, input_mpp, plan.mpp)
             arr = slide.open_view(f, view, plan.axes)
             shape = tuple(int(s) for s in arr.shape)
         except Exception as e:
@@ -116,7 +117,9 @@ def prepare(inputs: list[Input], plan: Plan, tissue_setting: str, out_dir: Path,
         axes = read.image_axes(shape, plan.axes)
         spatial = tuple(n for n, a in zip(shape, axes) if a in "YX")
         mask = None
-        if pyramid:
+        if pyramid:  # level-0 pixels per pixel of the model's grid: GeoJSON is in level-0 coordinates
+            plan.extra.setdefault("slides", {})[str(f)] = {
+                "factor": float(info.downsamples[view.level]) / view.scale, "mpp": view.mpp}
             try:
                 mask = mask_for(f, spatial, tissue_setting, plan.tile_shape, out_dir / "tissue", inp.name)
             except DataError as e:

@@ -278,9 +278,45 @@ def write_image(s: read.Sample, acc, task, plan: Plan, pred_dir: Path, unc_dir: 
     elif acc.streaming and hasattr(task, "finalize_block") and acc.stitched():
         rec = _write_blockwise(s, acc, task, plan, pred_dir, unc_dir)
     else:
-        return _write_pixel(s, task.finalize(acc.result(), plan), plan, pred_dir, unc_dir)
+        rec = _write_pixel(s, task.finalize(acc.result(), plan), plan, pred_dir, unc_dir)
     acc.cleanup()
+    if str(s.image) in plan.extra.get("slides", {}):
+        rec.update(write_slide_outputs(s, rec, task, plan, pred_dir))
     return rec
+
+
+def write_slide_outputs(s: read.Sample, rec: dict, task, plan: Plan, pred_dir: Path) -> dict:
+    """A slide's outputs for pathology tools, read back lazily from its written predictions:
+    ``<stem>.ome.zarr`` (NGFF 0.4: prediction and uncertainty channels with the pixel size, the
+    segmentation under ``labels/prediction``) and, for segmentations, ``<stem>.geojson`` in the
+    slide's level-0 pixel coordinates (``predict.shapes``)."""
+    import dask.array as da
+
+    from instantdl_ray.predict import shapes
+
+    meta = plan.extra["slides"][str(s.image)]
+    pred = read.open_array(rec["prediction"])
+    unc = read.open_array(rec["uncertainty"]) if rec.get("uncertainty") else None
+    channels, names = [], []
+    for arr, name in ((pred, "prediction"), (unc, "uncertainty")):
+        if arr is None:
+            continue
+        a = da.from_array(arr, chunks=(1,) * (arr.ndim - 2) + (512, 512)).astype(np.float32)
+        a = a.reshape((-1,) + a.shape[-2:])
+        channels.append(a)
+        names += [name] if a.shape[0] == 1 else [f"{name} {k}" for k in range(a.shape[0])]
+    labelled = task.target_kind == "label" and pred.ndim == 2
+    out = {"ome_zarr": str(write.write_ome_zarr(pred_dir / f"{s.stem}.ome.zarr", da.concatenate(channels), names,
+                                                 mpp=meta.get("mpp"), labels={"prediction": pred} if labelled else None))}
+    if labelled:
+        unc2d = unc if unc is not None and unc.ndim == 2 else None
+        if task.label_kind == "instances":
+            feats = shapes.instance_features(pred, pred_dir / f"{s.stem}_objects.csv", meta["factor"], meta.get("mpp"),
+                                             plan.class_names[-1] if plan.class_names else "object", unc2d)
+        else:
+            feats = shapes.class_features(pred, list(plan.class_names), meta["factor"], meta.get("mpp"))
+        out["geojson"] = str(shapes.write_geojson(pred_dir / f"{s.stem}.geojson", list(feats)))
+    return out
 
 
 def _write_pixel(s: read.Sample, out: dict, plan: Plan, pred_dir: Path, unc_dir: Path) -> dict:

@@ -1,0 +1,134 @@
+"""Segmentations of a slide as GeoJSON that QuPath imports (File > Import objects) and shapely reads.
+
+A ``FeatureCollection`` in the slide's level-0 pixel coordinates (QuPath's), one ``Feature`` per
+object (instance segmentation: ``objectType: "detection"``) or per connected region of a class
+(semantic segmentation: ``objectType: "annotation"``), polygon outline with its holes, simplified
+by half a pixel of the model's grid; ``properties.classification`` ``{name, color}`` and
+``measurements`` (area in µm² where the pixel size is known, else px²; the object's score and mean
+uncertainty where the run has them), the keys QuPath writes in its own exports.
+
+Objects are read one bounding box at a time from the lazily sliceable label image (the objects
+table gives the boxes), so memory stays flat in the slide's size; a semantic mask is labelled
+into connected regions in horizontal bands and regions cut by a band border are joined by
+shapely's union.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+BAND = 4096  # rows of a semantic mask vectorised at a time
+
+
+def _colour(k: int) -> list[int]:
+    from matplotlib import colormaps
+
+    r, g, b, _ = colormaps["tab10"](k % 10)
+    return [int(255 * r), int(255 * g), int(255 * b)]
+
+
+def outline(mask: np.ndarray, y0: float = 0.0, x0: float = 0.0, factor: float = 1.0, simplify: float = 0.5):
+    """The shapely (Multi)Polygon of a boolean crop whose pixel ``(0, 0)`` sits at ``(y0, x0)``,
+    in ``factor`` x those coordinates; holes kept, simplified by ``simplify`` px (crop units)."""
+    from shapely.geometry import Polygon
+    from shapely.ops import unary_union
+    from shapely.validation import make_valid
+    from skimage.measure import find_contours
+
+    padded = np.pad(mask.astype(np.uint8), 1)
+    rings = [Polygon(c[:, ::-1]) for c in find_contours(padded, 0.5) if len(c) >= 4]
+    rings = [r if r.is_valid else make_valid(r) for r in rings]
+    rings = sorted((r for r in rings if r.area > 0), key=lambda r: -r.area)
+    shape = None
+    for r in rings:  # largest first: a ring inside what is already there is a hole
+        if shape is not None and shape.contains(r.representative_point()) and shape.covers(r):
+            shape = shape.difference(r)
+        else:
+            shape = r if shape is None else unary_union([shape, r])
+    if shape is None:
+        return None
+    from shapely import affinity
+
+    shape = affinity.affine_transform(shape, [factor, 0, 0, factor, (x0 - 1) * factor, (y0 - 1) * factor])
+    shape = shape.simplify(simplify * factor, preserve_topology=True)
+    return shape if shape.is_valid else make_valid(shape)
+
+
+def _feature(geom, object_type: str, name: str, colour: list[int], measurements: dict) -> dict:
+    import geojson
+    from shapely.geometry import mapping
+
+    return geojson.Feature(geometry=mapping(geom), properties={
+        "objectType": object_type, "classification": {"name": name, "color": colour},
+        "measurements": {k: (None if v is None or (isinstance(v, float) and np.isnan(v)) else v)
+                         for k, v in measurements.items()}})
+
+
+def _area_key(mpp: float | None) -> str:
+    return "Area µm^2" if mpp else "Area px^2"
+
+
+def instance_features(labels: Any, objects_csv: Path, factor: float, mpp: float | None, name: str,
+                      uncertainty: Any = None) -> Iterator[dict]:
+    """One detection per object of the label image, boxes from the objects table
+    (``predictions/<stem>_objects.csv``: id, score, area, y_min, x_min, y_max, x_max)."""
+    import csv
+
+    px_area = (mpp * mpp) if mpp else 1.0
+    with open(objects_csv, newline="") as f:
+        for row in csv.DictReader(f):
+            i = int(row["id"])
+            y0, x0, y1, x1 = (int(row[k]) for k in ("y_min", "x_min", "y_max", "x_max"))
+            crop = np.asarray(labels[y0:y1, x0:x1]) == i
+            if not crop.any():
+                continue
+            geom = outline(crop, y0, x0, factor)
+            if geom is None or geom.is_empty:
+                continue
+            score = float(row["score"]) if row.get("score") not in (None, "", "nan") else None
+            meas = {_area_key(mpp): float(crop.sum()) * px_area, "score": score}
+            if uncertainty is not None:
+                meas["mean uncertainty"] = float(np.asarray(uncertainty[y0:y1, x0:x1])[crop].mean())
+            yield _feature(geom, "detection", name, _colour(0), meas)
+
+
+def class_features(mask: Any, class_names: list[str], factor: float, mpp: float | None) -> Iterator[dict]:
+    """One annotation per connected region of each class > 0 of a semantic mask (``(Y, X)``)."""
+    from shapely.ops import unary_union
+    from skimage.measure import label, regionprops
+
+    ny = int(mask.shape[0])
+    px_area = (mpp * mpp) if mpp else 1.0  # area of one pixel of the model's grid
+    for k in range(1, max(2, len(class_names))):
+        whole, cut = [], []
+        for b0 in range(0, ny, BAND):
+            band = np.asarray(mask[b0:b0 + BAND]) == k
+            lab = label(band)
+            for r in regionprops(lab):
+                y0, x0, y1, x1 = r.bbox
+                geom = outline(r.image, y0 + b0, x0, factor)
+                if geom is None or geom.is_empty:
+                    continue
+                touches = (y0 == 0 and b0 > 0) or (y1 == band.shape[0] and b0 + BAND < ny)
+                (cut if touches else whole).append((geom, float(r.area)))
+        if cut:  # regions cut by a band border: joined across it
+            merged = unary_union([g.buffer(0.5 * factor) for g, _ in cut]).buffer(-0.5 * factor)
+            parts = list(getattr(merged, "geoms", [merged]))
+            whole += [(g, g.area / (factor * factor)) for g in parts if not g.is_empty]
+        name = class_names[k] if k < len(class_names) else f"class {k}"
+        for geom, area in whole:
+            yield _feature(geom, "annotation", name, _colour(k - 1), {_area_key(mpp): area * px_area})
+
+
+def write_geojson(path: Path, features: list[dict]) -> Path:
+    import geojson
+
+    from instantdl_ray.io import write
+
+    fc = geojson.FeatureCollection(features)
+    if not fc.is_valid:
+        raise ValueError(f"{path}: invalid GeoJSON: {fc.errors()}")
+    return write.write_json(path, fc, indent=None)
