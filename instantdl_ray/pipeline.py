@@ -408,8 +408,9 @@ def predict_new(run_dir: str | Path, inputs: str | Path, out: str | Path | None 
     from instantdl_ray import _ray
     from instantdl_ray.errors import DataError
     from instantdl_ray.config.validate import tissue_mask_problems
-    from instantdl_ray.predict.inputs import gather, prepare
-    from instantdl_ray.predict.pool import finish_records, predict
+    from instantdl_ray.io import read
+    from instantdl_ray.predict.inputs import gather, prepare, write_table
+    from instantdl_ray.predict.pool import done_records, finish_records, predict
 
     run_dir = Path(run_dir).resolve()
     cfg = config_mod.load(run_dir / "config.yaml", overrides or [])
@@ -424,22 +425,26 @@ def predict_new(run_dir: str | Path, inputs: str | Path, out: str | Path | None 
     if not model_path.exists():
         problems.append(f"{model_path}: missing; {run_dir} holds no trained model (did its training finish?)")
     found, more = gather(Path(inputs))
-    problems += more
-    out_dir = Path(out) if out else run_dir / "predict" / _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    problems += more + tissue_mask_problems(cfg.tissue_mask)
+    # the same command writes to the same folder, so running it again finishes what is missing
+    out_dir = Path(out) if out else run_dir / "predict" / read._stem(Path(inputs).resolve())
+    if problems:
+        raise DataError(problems)
+    done = done_records(out_dir / "predictions", [i.name for i in found])
+    todo = [i for i in found if i.name not in done]
+    if done:
+        print(f"{len(done)} of {len(found)} inputs were predicted into {out_dir} before: kept", flush=True)
     early: list[str] = []  # printed now, written to predict.log once the inputs are known to be good
 
     def log(msg: str) -> None:
         early.append(msg)
         print(msg, flush=True)
 
-    problems += tissue_mask_problems(cfg.tissue_mask)
-    if not problems:
-        samples, shapes, masks, more = prepare(found, plan, cfg.tissue_mask, out_dir, log=log)
-        problems += more
+    samples, shapes, masks, problems = prepare(todo, plan, cfg.tissue_mask, out_dir, log=log)
     if gpu := _ray.local_gpu_problems(cfg.ray, address):
         raise ConfigError(gpu)
-    if problems:
-        raise DataError(problems)
+    if problems and (len(found) == 1 or not samples and not done):
+        raise DataError(problems)  # nothing to predict: a problem with the input, said before any work
     from instantdl_ray.config import diskspace
 
     diskspace.check(diskspace.run_needs(cfg, plan, samples, shapes, out_dir, train=False))
@@ -447,9 +452,34 @@ def predict_new(run_dir: str | Path, inputs: str | Path, out: str | Path | None 
     log = RunLog(out_dir / "predict.log")
     with open(out_dir / "predict.log", "a") as f:
         f.write("".join(m + "\n" for m in early))
-    _ray.init(address or cfg.ray.address, dashboard=bool(cfg.ray.dashboard))  # prediction: no Ray Train
-    resources = _ray.plan_now(cfg.ray)
-    records = predict(cfg, plan, samples, shapes, model_path, out_dir, resources, log=log, masks=masks)
-    finish_records(out_dir / "predictions", records)
+    collection = len(found) > 1 or bool(plan.extra.get("slides"))
+    table = out_dir / "slides.csv"
+    finished = dict(done)
+
+    def on_record(rec: dict) -> None:
+        for k, v in next((i.info for i in found if i.name == rec["name"]), {}).items():
+            rec.setdefault(k, v)  # level, pixel size, tissue: kept in the record for a later re-run's table
+        finished[rec["name"]] = rec
+        if collection:
+            write_table(table, found, finished)
+
+    if collection:
+        write_table(table, found, finished)
+    for inp in found:
+        if inp.error:
+            log(f"{inp.name}: FAILED, {inp.error}")
+    if samples:
+        _ray.init(address or cfg.ray.address, dashboard=bool(cfg.ray.dashboard))  # prediction: no Ray Train
+        resources = _ray.plan_now(cfg.ray)
+        predict(cfg, plan, samples, shapes, model_path, out_dir, resources, log=log, masks=masks, reuse=True,
+                on_record=on_record)
+    finish_records(out_dir / "predictions", sorted(finished.values(), key=lambda r: r["name"]))
+    failed = [i for i in found if i.error]
+    if collection:
+        log(f"{len(finished)} of {len(found)} done, {len(failed)} failed: {table}")
+    if failed:
+        raise RunFailed([f"{i.path}: {i.error}" for i in failed],
+                        title=f"{len(failed)} of {len(found)} inputs failed (the others are in {out_dir}; "
+                              "fix these and run the same command again to predict only them)")
     log(f"done. Predictions in {out_dir}")
     return out_dir

@@ -18,8 +18,8 @@ from conftest import tissue_image, write_aperio_svs, write_ome_pyramid
 from instantdl_ray.config.plan import Plan, image_percentiles, model_mpp
 from instantdl_ray.data.tile import tile_grid
 from instantdl_ray.data.tissue import TissueMask, detect_tissue, mask_for
-from instantdl_ray.errors import ConfigError
-from instantdl_ray.io import read, slide
+from instantdl_ray.errors import ConfigError, RunFailed
+from instantdl_ray.io import read
 from instantdl_ray.io.slide import Resampled, SlideInfo, View, choose_view
 from instantdl_ray.predict.inputs import Input, gather, prepare, read_manifest
 from instantdl_ray.predict.stitch import ImageAccumulator
@@ -332,17 +332,83 @@ def test_ome_zarr_writer_round_trip(tmp_path):
 # ---------------------------------------------------------------- end to end, with Ray
 
 
+def _colour_run(tmp_path: Path) -> Path:
+    """A run folder with a tiny colour U-Net (never trained) working at 0.5 µm/px."""
+    import torch
+
+    from instantdl_ray.config import schema as config_mod
+    from instantdl_ray.models import build_model
+
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints" / "best").mkdir(parents=True)
+    (tmp_path / "data" / "train" / "image").mkdir(parents=True)
+    cfg = config_mod.from_dict({"use_algorithm": "SemanticSegmentation", "path": str(tmp_path / "data")})
+    config_mod.dump(cfg, run_dir / "config.yaml")
+    _plan(axes="YXC", in_channels=3, mpp=0.5, tile=(256, 256)).to_json(run_dir / "plan.json")
+    torch.manual_seed(0)
+    model = build_model("unet", in_channels=3, out_channels=1, spatial_dims=2, dropout=0.2, features=[4, 4, 8, 8, 16, 4])
+    torch.save(model.state_dict(), run_dir / "checkpoints" / "best" / "model.pt")
+    return run_dir
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_a_killed_collection_run_again_predicts_only_the_missing_slides(ray_session, tmp_path, monkeypatch):
+    """A manifest of three slides; the run is killed (KeyboardInterrupt, as Ctrl-C) once the first
+    slide's files are written; the same command again keeps that slide and predicts the other two."""
+    import csv
+
+    import instantdl_ray.predict.pool as pool
+    from instantdl_ray import pipeline
+
+    run_dir = _colour_run(tmp_path)
+    rgb = tissue_image((768, 1024))
+    for k in range(3):
+        write_ome_pyramid(tmp_path / f"s{k}.ome.tif", np.roll(rgb, 100 * k, axis=1), mpp=0.5)
+    man = tmp_path / "collection.csv"
+    man.write_text("slide,name\n" + "".join(f"s{k}.ome.tif,slide{k}\n" for k in range(3)))
+    real, calls = pool.write_image, []
+
+    def killed_after_one(*a, **kw):
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(pool, "write_image", killed_after_one)
+    sets = ["calculate_uncertainty=false"]
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.predict_new(run_dir, man, overrides=sets)
+    out = run_dir / "predict" / "collection"  # the same command, the same folder
+    with open(out / "slides.csv", newline="") as f:
+        assert sorted(r["status"] for r in csv.DictReader(f)) == ["done", "pending", "pending"]
+    first = next(p for p in (out / "predictions").glob("slide*.ome.zarr"))
+    monkeypatch.setattr(pool, "write_image", real)
+    stamp = first.stat().st_mtime_ns
+    assert pipeline.predict_new(run_dir, man, overrides=sets) == out
+    with open(out / "slides.csv", newline="") as f:
+        assert [r["status"] for r in csv.DictReader(f)] == ["done"] * 3
+    log = (out / "predict.log").read_text()
+    assert "predicting 2 images" in log and first.stat().st_mtime_ns == stamp  # the first was kept
+    assert len(json_load(out / "predictions" / "index.json")) == 3
+    for k in range(3):
+        assert (out / "predictions" / f"slide{k}.geojson").exists()
+
+
+def json_load(path: Path):
+    import json
+
+    return json.loads(path.read_text())
+
+
 def test_predict_a_folder_with_an_svs_and_an_ome_tiff_only_where_there_is_tissue(ray_session, tmp_path):
     """``predict --input`` on a folder holding an Aperio ``.svs`` (RGB, 0.25 µm/px, levels 1 and
     1/4) and an OME-TIFF pyramid (0.5 µm/px) with a colour model working at 0.5 µm/px: the ``.svs``
     is read at level 0 and resampled by 1/2 (its level 1 is coarser than the model), the OME-TIFF
     as stored; both only where there is tissue, background 0 elsewhere, the pixel size recorded;
-    masks and thumbnails saved. A threshold near 0 marks every pixel the model saw."""
-    import torch
-
+    masks and thumbnails saved. A threshold near 0 marks every pixel the model saw. A truncated
+    ``.svs`` beside them fails alone: named in the error and in ``slides.csv``."""
     from instantdl_ray import pipeline
-    from instantdl_ray.config import schema as config_mod
-    from instantdl_ray.models import build_model
 
     rgb = tissue_image((1024, 1536))
     slides = tmp_path / "slides"
@@ -350,19 +416,26 @@ def test_predict_a_folder_with_an_svs_and_an_ome_tiff_only_where_there_is_tissue
     write_aperio_svs(slides / "he.svs", np.repeat(np.repeat(rgb, 2, 0), 2, 1), mpp=0.25, downsamples=(4,))
     write_ome_pyramid(slides / "he2.ome.tif", rgb, mpp=0.5, downsamples=(2, 4))
     (slides / "notes.txt").write_text("not an image")
+    broken = write_aperio_svs(slides / "broken.svs", rgb, mpp=0.5, downsamples=(4,))
+    with open(broken, "r+b") as f:  # a scan cut short: its tiles lie past the end of the file
+        f.truncate(broken.stat().st_size * 2 // 3)
 
-    run_dir = tmp_path / "run"
-    (run_dir / "checkpoints" / "best").mkdir(parents=True)
-    (tmp_path / "data" / "train" / "image").mkdir(parents=True)
-    cfg = config_mod.from_dict({"use_algorithm": "SemanticSegmentation", "path": str(tmp_path / "data")})
-    config_mod.dump(cfg, run_dir / "config.yaml")
-    plan = _plan(axes="YXC", in_channels=3, mpp=0.5, tile=(256, 256))
-    plan.to_json(run_dir / "plan.json")
-    torch.manual_seed(0)
-    model = build_model("unet", in_channels=3, out_channels=1, spatial_dims=2, dropout=0.2, features=[4, 4, 8, 8, 16, 4])
-    torch.save(model.state_dict(), run_dir / "checkpoints" / "best" / "model.pt")
+    run_dir = _colour_run(tmp_path)
 
-    out = pipeline.predict_new(run_dir, slides, out=tmp_path / "out", overrides=["calculate_uncertainty=false", "threshold=1e-9"])
+    out = tmp_path / "out"
+    with pytest.raises(RunFailed) as e:  # the broken slide is reported by name; the others are done
+        pipeline.predict_new(run_dir, slides, out=out, overrides=["calculate_uncertainty=false", "threshold=1e-9"])
+    assert e.value.exit_code != 0 and "1 of 3 inputs failed" in str(e.value)
+    assert "broken.svs: cannot be read (image data up to byte" in str(e.value)
+    import csv
+
+    with open(out / "slides.csv", newline="") as f:
+        table = {r["name"]: r for r in csv.DictReader(f)}
+    assert {k: r["status"] for k, r in table.items()} == {"broken": "failed", "he": "done", "he2": "done"}
+    assert "truncated" in table["broken"]["error"]
+    assert table["he"]["level"] == "0" and float(table["he"]["mpp"]) == 0.5 and int(table["he"]["tiles"]) > 0
+    assert 0 < float(table["he2"]["tissue_fraction"]) < 1 and float(table["he2"]["seconds"]) >= 0
+    assert "predictions/he.ome.zarr" in table["he"]["outputs"] and "predictions/he.geojson" in table["he"]["outputs"]
     log = (out / "predict.log").read_text()
     truth = np.zeros(rgb.shape[:2], bool)
     truth[300:900, 400:1300] = True  # tissue_image's first patch (its second lies at the corner)

@@ -131,6 +131,10 @@ def check_pixels(path: str | Path) -> str | None:
         if suffix == ".npy":
             return _check_npy(path)
         if suffix == ".zarr" or is_slide(path):
+            if suffix in TIFF_SLIDE_SUFFIXES:  # a truncated scan: tiles claimed past the end of the file
+                why = _tiff_offsets_problem(path)
+                if why:
+                    return why
             _read_sample_chunks(open_array(path))
             return None
         read_raw(path)
@@ -139,16 +143,31 @@ def check_pixels(path: str | Path) -> str | None:
     return None
 
 
-def _check_tiff(path: Path) -> str | None:
+TIFF_SLIDE_SUFFIXES = (".svs", ".ndpi", ".scn", ".bif", ".svslide")  # vendor slides stored as TIFF
+
+
+def _tiff_offsets_problem(path: Path) -> str | None:
+    """Why the TIFF's strips or tiles cannot all be read (one lies past the end of the file), or None."""
     import tifffile
 
     size = path.stat().st_size
     with tifffile.TiffFile(str(path)) as tf:
         for page in tf.pages:
-            offsets, counts = page.dataoffsets, page.databytecounts
-            ends = [o + c for o, c in zip(offsets, counts) if c]
+            ends = [o + c for o, c in zip(page.dataoffsets, page.databytecounts) if c]
             if ends and max(ends) > size:
-                return f"image data up to byte {max(ends)} claimed, the file has {size} bytes"
+                return f"image data up to byte {max(ends)} claimed, the file has {size} bytes (truncated?)"
+    return None
+
+
+def _check_tiff(path: Path) -> str | None:
+    import tifffile
+
+    why = _tiff_offsets_problem(path)
+    if why:
+        return why
+    with tifffile.TiffFile(str(path)) as tf:
+        for page in tf.pages:
+            counts = page.databytecounts
             nbytes = int(np.prod(page.shape)) * page.dtype.itemsize if page.dtype is not None else 0
             if page.compression == 1 and sum(counts) < nbytes:
                 return f"{page.shape} uncompressed pixels need {nbytes} bytes, the file holds {sum(counts)}"

@@ -11,7 +11,7 @@ Every problem of every input is collected and reported together, before any acto
 from __future__ import annotations
 
 import csv
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -27,6 +27,8 @@ class Input:
     path: Path
     name: str
     mpp: float | None = None  # the manifest's pixel size for this input (µm), overriding its metadata
+    error: str | None = None  # why it cannot be predicted (set by ``prepare``)
+    info: dict = field(default_factory=dict)  # level, mpp, tissue fraction: a collection's table
 
 
 def gather(inputs: Path) -> tuple[list[Input], list[str]]:
@@ -57,7 +59,7 @@ def read_manifest(path: Path) -> tuple[list[Input], list[str]]:
         for n, row in enumerate(reader, start=2):
             row = {k.strip().lower(): (v or "").strip() for k, v in row.items() if k}
             if not row.get("slide"):
-                continue
+                return
             p = Path(row["slide"]).expanduser()
             p = p if p.is_absolute() else path.parent / p
             mpp = None
@@ -69,7 +71,7 @@ def read_manifest(path: Path) -> tuple[list[Input], list[str]]:
                     problems.append(f"{path}, line {n}: mpp '{row['mpp']}' is not a positive number (µm per pixel)")
             if not p.exists():
                 problems.append(f"{path}, line {n}: slide '{row['slide']}' not found ({p})")
-                continue
+                return
             out.append(Input(p, row.get("name") or read._stem(p), mpp))
     names = [i.name for i in out]
     problems += [f"{path}: the name '{n}' is used for more than one slide; give each a distinct 'name'"
@@ -83,62 +85,77 @@ def prepare(inputs: list[Input], plan: Plan, tissue_setting: str, out_dir: Path,
             ) -> tuple[list[read.Sample], dict, dict, list[str]]:
     """Open every input as the model reads it. Returns samples, their shapes (as read), tissue
     masks (slides only) and the problems found; sets ``plan.extra["views"]`` (level, scale and
-    pixel size per input read other than as stored) and ``plan.image_norm``."""
-    from instantdl_ray.data.tissue import mask_for
-
+    pixel size per input read other than as stored) and ``plan.image_norm``. An input that
+    cannot be predicted gets its ``error``; ``info`` collects what a collection's table shows."""
     samples, shapes, masks, problems = [], {}, {}, []
     views = plan.extra.setdefault("views", {})
     for inp in inputs:
-        f = inp.path
-        try:
-            pyramid = slide.is_pyramid(f)
-            input_mpp = inp.mpp or slide.microscope_mpp(read.pixel_size(f))
-            if pyramid and plan.mpp and not input_mpp:
-                problems.append(
-                    f"{f}: this slide states no pixel size, so the level that matches the model's {plan.mpp:g} µm/px "
-                    "cannot be chosen. List it in a manifest CSV with its pixel size (columns: slide,mpp) and pass "
-                    "--input manifest.csv")
-                continue
-            info = slide.slide_info(f) if pyramid else None
-            view = slide.choose_view(info, input_mpp, plan.mpp)
-            arr = slide.open_view(f, view, plan.axes)
-            shape = tuple(int(s) for s in arr.shape)
-        except Exception as e:
-            problems.append(f"{f}: cannot be read ({type(e).__name__}: {e})")
-            continue
-        if len(shape) not in (len(plan.axes), len(plan.axes) - 1):
-            problems.append(f"{f}: shape {shape} does not fit the trained model's axes '{plan.axes}'")
-            continue
-        s = read.Sample(inp.name, f, None, {"stem": inp.name})
-        if view.level or view.scale != 1:
-            views[str(f)] = view.to_dict()
-            log(f"{inp.name}: level {view.level}" + (f", resampled x{view.scale:.3f}" if view.scale != 1 else "")
-                + f" -> {view.mpp:g} µm/px, {shape}")
-        axes = read.image_axes(shape, plan.axes)
-        spatial = tuple(n for n, a in zip(shape, axes) if a in "YX")
-        mask = None
-        if pyramid:  # level-0 pixels per pixel of the model's grid: GeoJSON is in level-0 coordinates
-            plan.extra.setdefault("slides", {})[str(f)] = {
-                "factor": float(info.downsamples[view.level]) / view.scale, "mpp": view.mpp}
-            try:
-                mask = mask_for(f, spatial, tissue_setting, plan.tile_shape, out_dir / "tissue", inp.name)
-            except DataError as e:
-                problems += e.problems
-                continue
-            if mask is not None and mask.fraction == 0:
-                log(f"{inp.name}: no tissue found (see tissue/{inp.name}_thumbnail.png); predicting the whole slide")
-                mask = None
-            elif mask is not None:
-                log(f"{inp.name}: tissue covers {100 * mask.fraction:.1f} % of the slide")
-        augment = plan.extra.get("augment")
-        if mask is not None:
-            masks[str(f)] = mask
-            plan.image_norm[str(f)] = channel_stats(mask.sample(arr, axes), augment)
-        else:
-            plan.image_norm.setdefault(str(f), image_percentiles(f, plan.axes, augment))
-        samples.append(s)
-        shapes[str(f)] = shape
+        n_before = len(problems)
+        _prepare_one(inp, plan, tissue_setting, out_dir, log, samples, shapes, masks, problems, views)
+        if len(problems) > n_before:
+            inp.error = "; ".join(problems[n_before:])
     return samples, shapes, masks, problems
+
+
+def _prepare_one(inp: Input, plan: Plan, tissue_setting: str, out_dir: Path, log: Callable, samples: list,
+                 shapes: dict, masks: dict, problems: list, views: dict) -> None:
+    from instantdl_ray.data.tissue import mask_for
+
+    f = inp.path
+    why = read.check_pixels(f)
+    if why is not None:
+        problems.append(f"{f}: cannot be read ({why})")
+        return
+    try:
+        pyramid = slide.is_pyramid(f)
+        input_mpp = inp.mpp or slide.microscope_mpp(read.pixel_size(f))
+        if pyramid and plan.mpp and not input_mpp:
+            problems.append(
+                f"{f}: this slide states no pixel size, so the level that matches the model's {plan.mpp:g} µm/px "
+                "cannot be chosen. List it in a manifest CSV with its pixel size (columns: slide,mpp) and pass "
+                "--input manifest.csv")
+            return
+        info = slide.slide_info(f) if pyramid else None
+        view = slide.choose_view(info, input_mpp, plan.mpp)
+        arr = slide.open_view(f, view, plan.axes)
+        shape = tuple(int(s) for s in arr.shape)
+    except Exception as e:
+        problems.append(f"{f}: cannot be read ({type(e).__name__}: {e})")
+        return
+    if len(shape) not in (len(plan.axes), len(plan.axes) - 1):
+        problems.append(f"{f}: shape {shape} does not fit the trained model's axes '{plan.axes}'")
+        return
+    s = read.Sample(inp.name, f, None, {"stem": inp.name})
+    if view.level or view.scale != 1:
+        views[str(f)] = view.to_dict()
+        log(f"{inp.name}: level {view.level}" + (f", resampled x{view.scale:.3f}" if view.scale != 1 else "")
+            + f" -> {view.mpp:g} µm/px, {shape}")
+    axes = read.image_axes(shape, plan.axes)
+    spatial = tuple(n for n, a in zip(shape, axes) if a in "YX")
+    mask = None
+    inp.info.update(level=view.level, mpp=view.mpp)
+    if pyramid:  # level-0 pixels per pixel of the model's grid: GeoJSON is in level-0 coordinates
+        plan.extra.setdefault("slides", {})[str(f)] = {
+            "factor": float(info.downsamples[view.level]) / view.scale, "mpp": view.mpp}
+        try:
+            mask = mask_for(f, spatial, tissue_setting, plan.tile_shape, out_dir / "tissue", inp.name)
+        except DataError as e:
+            problems += e.problems
+            return
+        if mask is not None and mask.fraction == 0:
+            log(f"{inp.name}: no tissue found (see tissue/{inp.name}_thumbnail.png); predicting the whole slide")
+            mask = None
+        elif mask is not None:
+            log(f"{inp.name}: tissue covers {100 * mask.fraction:.1f} % of the slide")
+            inp.info["tissue_fraction"] = round(mask.fraction, 4)
+    augment = plan.extra.get("augment")
+    if mask is not None:
+        masks[str(f)] = mask
+        plan.image_norm[str(f)] = channel_stats(mask.sample(arr, axes), augment)
+    else:
+        plan.image_norm.setdefault(str(f), image_percentiles(f, plan.axes, augment))
+    samples.append(s)
+    shapes[str(f)] = shape
 
 
 def output_pixel_size(s: read.Sample, plan: Plan) -> dict | None:
@@ -148,3 +165,33 @@ def output_pixel_size(s: read.Sample, plan: Plan) -> dict | None:
     if view and view.get("mpp"):
         return {"y": float(view["mpp"]), "x": float(view["mpp"])}
     return read.pixel_size(s.image)
+
+
+TABLE_COLUMNS = ("slide", "name", "status", "level", "mpp", "tiles", "tissue_fraction", "seconds", "outputs", "error")
+OUTPUT_KEYS = ("prediction", "uncertainty", "mutual_information", "ome_zarr", "geojson")
+
+
+def write_table(path: Path, inputs: list[Input], records: dict[str, dict]) -> Path:
+    """``slides.csv``: one row per input of a collection, its status (``done`` / ``failed`` /
+    ``pending``), the level read, the pixel size, tiles predicted, tissue fraction, seconds, the
+    output files (relative to the table's folder) and the error of a failed one."""
+    from instantdl_ray.io import write
+
+    rows = []
+    for inp in inputs:
+        rec = records.get(inp.name)
+        status = "failed" if inp.error else "done" if rec else "pending"
+        info = {**inp.info, **{k: rec[k] for k in ("level", "mpp", "tiles", "tissue_fraction", "seconds")
+                               if rec and rec.get(k) is not None}}
+        outs = [_relative(rec[k], path.parent) for k in OUTPUT_KEYS if rec and rec.get(k)]
+        rows.append([str(inp.path), inp.name, status] + ["" if info.get(k) is None else info[k]
+                                                         for k in ("level", "mpp", "tiles", "tissue_fraction", "seconds")]
+                    + [";".join(outs), inp.error or ""])
+    return write.write_csv(path, TABLE_COLUMNS, rows)
+
+
+def _relative(p: str, root: Path) -> str:
+    try:
+        return str(Path(p).resolve().relative_to(root.resolve()))
+    except ValueError:
+        return str(p)

@@ -21,13 +21,13 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Callable
 
 import numpy as np
 
 from instantdl_ray.io import read, write
 from instantdl_ray.config.plan import Plan
-from instantdl_ray.predict.inputs import output_pixel_size
+from instantdl_ray.predict.inputs import OUTPUT_KEYS, output_pixel_size
 
 
 class Predictor:
@@ -127,14 +127,21 @@ RECORDS = ".records"  # predictions/.records/<stem>.json: one per image written,
 
 
 def _done_records(pred_dir: Path, samples: list[read.Sample]) -> dict[str, dict]:
-    """Records of ``samples`` whose outputs an earlier, interrupted prediction finished."""
+    """Records of ``samples`` whose outputs an earlier prediction into ``pred_dir`` finished."""
+    return done_records(pred_dir, [s.stem for s in samples])
+
+
+def done_records(pred_dir: Path, names: list[str]) -> dict[str, dict]:
+    """Records of the images ``names`` whose outputs an earlier prediction into ``pred_dir`` wrote
+    completely: an interrupted one's per-image marks, or a finished one's ``index.json``."""
+    index = pred_dir / "index.json"
+    finished = {r.get("name"): r for r in json.loads(index.read_text())} if index.exists() else {}
     done = {}
-    for s in samples:
-        path = pred_dir / RECORDS / f"{s.stem}.json"
-        if path.exists():
-            rec = json.loads(path.read_text())
-            if all(Path(rec[k]).exists() for k in ("prediction", "uncertainty", "mutual_information") if rec.get(k)):
-                done[s.stem] = rec
+    for name in names:
+        path = pred_dir / RECORDS / f"{name}.json"
+        rec = json.loads(path.read_text()) if path.exists() else finished.get(name)
+        if rec and all(Path(rec[k]).exists() for k in OUTPUT_KEYS if rec.get(k)):
+            done[name] = rec
     return done
 
 
@@ -152,11 +159,14 @@ def finish_records(pred_dir: Path, records: list[dict]) -> None:
 
 
 def predict(cfg, plan: Plan, samples: list[read.Sample], shapes: dict, model_path: Path, out_dir: Path,
-            resources, log=print, reuse: bool = False, masks: dict | None = None) -> list[dict]:
+            resources, log=print, reuse: bool = False, masks: dict | None = None,
+            on_record: Callable[[dict], None] | None = None) -> list[dict]:
     """Predict ``samples`` with the model at ``model_path``; write outputs under ``out_dir``.
 
     ``masks``: per image path, a slide's tissue mask (``data.tissue.TissueMask``): only the tiles
     that touch tissue are predicted, and background pixels get the background value.
+    ``on_record``: called with each image's record once its outputs are written (records carry
+    the tiles predicted and the seconds from its first tile to its last file).
 
     Returns one record per image: name, prediction/uncertainty paths (pixel tasks) or the
     class, probabilities and uncertainty (classification). With ``reuse`` (a resumed run), images
@@ -211,6 +221,7 @@ def predict(cfg, plan: Plan, samples: list[read.Sample], shapes: dict, model_pat
     log(f"predicting {len(samples)} images ({len(rows)} tiles) on {n_actors} actor(s), "
         f"{passes} Monte-Carlo pass{'es' if passes > 1 else ''} per tile")
     accs: dict[int, ImageAccumulator] = {}
+    started: dict[int, float] = {}
     done_tiles, t0, last = 0, time.time(), 0.0
     for batch in _batches(ds, model_path):
         pred_dir.mkdir(parents=True, exist_ok=True)  # with the first outputs: a failed start leaves none
@@ -223,6 +234,7 @@ def predict(cfg, plan: Plan, samples: list[read.Sample], shapes: dict, model_pat
                 done_tiles += 1
                 continue
             if idx not in accs:
+                started[idx] = time.time()
                 sp = tuple(spatial_shape(shapes[str(s.image)], plan.axes))
                 accs[idx] = ImageAccumulator(sp, grids[str(s.image)], tuple(plan.tile_shape),  # the grid grid_rows read
                                              scratch=out_dir / ".scratch" / s.stem,
@@ -231,6 +243,10 @@ def predict(cfg, plan: Plan, samples: list[read.Sample], shapes: dict, model_pat
             done_tiles += 1
             if accs[idx].add(t_idx, outputs):
                 records.append(write_image(s, accs.pop(idx), task, plan, pred_dir, unc_dir))
+                records[-1]["tiles"] = len(keep.get(str(s.image), grids[str(s.image)]))
+                records[-1]["seconds"] = round(time.time() - started.pop(idx), 1)
+                if on_record is not None:
+                    on_record(records[-1])
                 _save_record(pred_dir, records[-1])
         if time.time() - last > 10 or done_tiles == len(rows):
             last = time.time()
