@@ -59,7 +59,7 @@ def read_manifest(path: Path) -> tuple[list[Input], list[str]]:
         for n, row in enumerate(reader, start=2):
             row = {k.strip().lower(): (v or "").strip() for k, v in row.items() if k}
             if not row.get("slide"):
-                return
+                continue
             p = Path(row["slide"]).expanduser()
             p = p if p.is_absolute() else path.parent / p
             mpp = None
@@ -71,7 +71,7 @@ def read_manifest(path: Path) -> tuple[list[Input], list[str]]:
                     problems.append(f"{path}, line {n}: mpp '{row['mpp']}' is not a positive number (µm per pixel)")
             if not p.exists():
                 problems.append(f"{path}, line {n}: slide '{row['slide']}' not found ({p})")
-                return
+                continue
             out.append(Input(p, row.get("name") or read._stem(p), mpp))
     names = [i.name for i in out]
     problems += [f"{path}: the name '{n}' is used for more than one slide; give each a distinct 'name'"
