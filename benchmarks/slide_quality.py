@@ -35,7 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import SHARED_DATA, machine, uptime  # noqa: E402
 
 
-def build_slide(data: Path, out: Path, side: int, n: int, mpp: float, seed: int = 0):
+def build_slide(data: Path, out: Path, side: int, n: int, mpp: float, seed: int = 0, name: str = "slide",
+                plain_copies: bool = True):
     """The slide, its label canvas, the pasted boxes and the folder of the same images as PNGs."""
     from PIL import Image
 
@@ -43,7 +44,7 @@ def build_slide(data: Path, out: Path, side: int, n: int, mpp: float, seed: int 
 
     rng = np.random.default_rng(seed)
     names = sorted(p.name for p in (data / "test" / "image").iterdir())
-    picks = [names[int(k)] for k in rng.choice(len(names), size=min(n, len(names)), replace=False)]
+    picks = [names[int(k)] for k in rng.choice(len(names), size=n, replace=n > len(names))]
     images = [np.asarray(Image.open(data / "test" / "image" / k).convert("L")) for k in picks]
     masks = [np.asarray(Image.open(data / "test" / "groundtruth" / k)) > 0 for k in picks]
     dark = np.concatenate([im[im <= np.percentile(im, 20)] for im in images]).astype(np.float64)
@@ -60,8 +61,9 @@ def build_slide(data: Path, out: Path, side: int, n: int, mpp: float, seed: int 
         slide[y:y + im.shape[0], x:x + im.shape[1]] = im
         label[y:y + im.shape[0], x:x + im.shape[1]] = m
         boxes.append((y, x, im.shape[0], im.shape[1], picks[k]))
-        Image.fromarray(im).save(plain / picks[k])
-    path = write.write_ome_pyramid(out / "slide.ome.tif", slide, mpp=mpp, downsamples=(2, 4, 8))
+        if plain_copies:
+            Image.fromarray(im).save(plain / picks[k])
+    path = write.write_ome_pyramid(out / f"{name}.ome.tif", slide, mpp=mpp, downsamples=(2, 4, 8, 16))
     return path, label, boxes, plain
 
 

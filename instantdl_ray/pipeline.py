@@ -452,7 +452,7 @@ def predict_new(run_dir: str | Path, inputs: str | Path, out: str | Path | None 
     log = RunLog(out_dir / "predict.log")
     with open(out_dir / "predict.log", "a") as f:
         f.write("".join(m + "\n" for m in early))
-    collection = len(found) > 1 or bool(plan.extra.get("slides"))
+    collection = bool(plan.extra.get("slides")) or Path(inputs).suffix.lower() == ".csv"  # slides: a table
     table = out_dir / "slides.csv"
     finished = dict(done)
 
