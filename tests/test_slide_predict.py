@@ -301,19 +301,31 @@ def test_instance_geojson_one_detection_per_object_with_holes_and_measurements(t
     assert feats[1]["properties"]["measurements"]["score"] is None
 
 
-def test_semantic_geojson_joins_regions_cut_by_the_band_border(tmp_path, monkeypatch):
+def test_semantic_geojson_joins_regions_cut_by_block_edges(tmp_path, monkeypatch):
     import instantdl_ray.predict.shapes as shapes_mod
 
-    monkeypatch.setattr(shapes_mod, "BAND", 64)  # the big region crosses two band borders
+    monkeypatch.setattr(shapes_mod, "BLOCK", 64)  # the big regions cross block edges both ways
     mask = np.zeros((200, 200), np.uint8)
     mask[20:180, 20:60] = 1
     mask[50:70, 100:120] = 1
-    feats = list(shapes_mod.class_features(mask, ["background", "tumour"], factor=1.0, mpp=None))
+    mask[100:120, 30:190] = 2  # an L with class 1 beside it: classes stay apart
+    mask[130:190, 150:190] = 2
+    mask[140:150, 160:170] = 0  # a hole, inside one block
+    feats = list(shapes_mod.class_features(mask, ["background", "tumour", "stroma"], factor=2.0, mpp=0.5))
     shapes_mod.write_geojson(tmp_path / "s.geojson", feats)
-    polys = sorted(check_qupath_geojson(tmp_path / "s.geojson", "annotation"), key=lambda p: -p.area)
-    assert len(polys) == 2
-    assert polys[0].area == pytest.approx(160 * 40, rel=0.03) and polys[0].geom_type == "Polygon"
-    assert feats[0]["properties"]["classification"]["name"] == "tumour"
+    polys = check_qupath_geojson(tmp_path / "s.geojson", "annotation")
+    by: dict = {}
+    for f, p in zip(feats, polys):
+        by.setdefault(f["properties"]["classification"]["name"], []).append((p, f["properties"]["measurements"]))
+    # tumour: the bar (still joined by its 10 px left strip where the stroma crosses it, and cut by
+    # block edges at 64 and 128) and the square; stroma: its bar and the block with a hole
+    assert len(by["tumour"]) == 2 and len(by["stroma"]) == 2
+    bar, m = max(by["tumour"], key=lambda pm: pm[0].area)
+    assert bar.geom_type == "Polygon"  # one polygon across the block edges
+    n = int(((mask == 1)[:, :80]).sum())  # the bar's pixels
+    assert bar.area == pytest.approx(n * 4, rel=0.03)  # level-0 coordinates: factor 2
+    assert m["Area µm^2"] == pytest.approx(n * 0.25, rel=0.03)  # pixels of the model's grid x 0.5²
+    assert len(max(by["stroma"], key=lambda pm: len(pm[0].interiors))[0].interiors) == 1  # the hole kept
 
 
 def test_ome_zarr_writer_round_trip(tmp_path):

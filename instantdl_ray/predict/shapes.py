@@ -9,8 +9,7 @@ uncertainty where the run has them), the keys QuPath writes in its own exports.
 
 Objects are read one bounding box at a time from the lazily sliceable label image (the objects
 table gives the boxes), so memory stays flat in the slide's size; a semantic mask is labelled
-into connected regions in horizontal bands and regions cut by a band border are joined by
-shapely's union.
+into connected regions block by block and regions cut by a block edge are joined by shapely's union.
 """
 
 from __future__ import annotations
@@ -20,7 +19,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-BAND = 4096  # rows of a semantic mask vectorised at a time
+BLOCK = 2048  # px per side of the blocks a semantic mask is vectorised in
 
 
 def _colour(k: int) -> list[int]:
@@ -96,28 +95,32 @@ def instance_features(labels: Any, objects_csv: Path, factor: float, mpp: float 
 
 
 def class_features(mask: Any, class_names: list[str], factor: float, mpp: float | None) -> Iterator[dict]:
-    """One annotation per connected region of each class > 0 of a semantic mask (``(Y, X)``)."""
+    """One annotation per connected region of each class > 0 of a semantic mask (``(Y, X)``),
+    vectorised ``BLOCK``² px at a time (memory flat in the slide's size); regions cut by a block
+    edge are joined across it with shapely."""
     from shapely.ops import unary_union
     from skimage.measure import label, regionprops
 
-    ny = int(mask.shape[0])
+    ny, nx = (int(n) for n in mask.shape[-2:])
     px_area = (mpp * mpp) if mpp else 1.0  # area of one pixel of the model's grid
     for k in range(1, max(2, len(class_names))):
         whole, cut = [], []
-        for b0 in range(0, ny, BAND):
-            band = np.asarray(mask[b0:b0 + BAND]) == k
-            lab = label(band)
-            for r in regionprops(lab):
-                y0, x0, y1, x1 = r.bbox
-                geom = outline(r.image, y0 + b0, x0, factor)
-                if geom is None or geom.is_empty:
+        for b0 in range(0, ny, BLOCK):
+            for c0 in range(0, nx, BLOCK):
+                block = np.asarray(mask[b0:b0 + BLOCK, c0:c0 + BLOCK]) == k
+                if not block.any():
                     continue
-                touches = (y0 == 0 and b0 > 0) or (y1 == band.shape[0] and b0 + BAND < ny)
-                (cut if touches else whole).append((geom, float(r.area)))
-        if cut:  # regions cut by a band border: joined across it
+                for r in regionprops(label(block)):
+                    y0, x0, y1, x1 = r.bbox
+                    geom = outline(r.image, y0 + b0, x0 + c0, factor)
+                    if geom is None or geom.is_empty:
+                        continue
+                    touches = ((y0 == 0 and b0 > 0) or (y1 == block.shape[0] and b0 + BLOCK < ny)
+                               or (x0 == 0 and c0 > 0) or (x1 == block.shape[1] and c0 + BLOCK < nx))
+                    (cut if touches else whole).append((geom, float(r.area)))
+        if cut:  # regions cut by a block edge: joined across it (half a pixel of slack closes the seam)
             merged = unary_union([g.buffer(0.5 * factor) for g, _ in cut]).buffer(-0.5 * factor)
-            parts = list(getattr(merged, "geoms", [merged]))
-            whole += [(g, g.area / (factor * factor)) for g in parts if not g.is_empty]
+            whole += [(g, g.area / (factor * factor)) for g in getattr(merged, "geoms", [merged]) if not g.is_empty]
         name = class_names[k] if k < len(class_names) else f"class {k}"
         for geom, area in whole:
             yield _feature(geom, "annotation", name, _colour(k - 1), {_area_key(mpp): area * px_area})
