@@ -424,7 +424,13 @@ def predict_new(run_dir: str | Path, inputs: str | Path, out: str | Path | None 
     problems = []
     if not model_path.exists():
         problems.append(f"{model_path}: missing; {run_dir} holds no trained model (did its training finish?)")
-    found, more = gather(Path(inputs))
+    early: list[str] = []  # printed now, written to predict.log once the inputs are known to be good
+
+    def log(msg: str) -> None:
+        early.append(msg)
+        print(msg, flush=True)
+
+    found, more = gather(Path(inputs), log=log)
     problems += more + tissue_mask_problems(cfg.tissue_mask)
     # the same command writes to the same folder, so running it again finishes what is missing
     out_dir = Path(out) if out else run_dir / "predict" / read._stem(Path(inputs).resolve())
@@ -433,13 +439,7 @@ def predict_new(run_dir: str | Path, inputs: str | Path, out: str | Path | None 
     done = done_records(out_dir / "predictions", [i.name for i in found])
     todo = [i for i in found if i.name not in done]
     if done:
-        print(f"{len(done)} of {len(found)} inputs were predicted into {out_dir} before: kept", flush=True)
-    early: list[str] = []  # printed now, written to predict.log once the inputs are known to be good
-
-    def log(msg: str) -> None:
-        early.append(msg)
-        print(msg, flush=True)
-
+        log(f"{len(done)} of {len(found)} inputs were predicted into {out_dir} before: kept")
     samples, shapes, masks, problems = prepare(todo, plan, cfg.tissue_mask, out_dir, log=log)
     if gpu := _ray.local_gpu_problems(cfg.ray, address):
         raise ConfigError(gpu)

@@ -468,6 +468,7 @@ def test_predict_a_folder_with_an_svs_and_an_ome_tiff_only_where_there_is_tissue
         x0, y0, x1, y1 = max(polys, key=lambda p: p.area).bounds
         assert abs(y0 - 300 * f) < 40 * f and abs(x0 - 400 * f) < 40 * f and abs(y1 - 900 * f) < 40 * f
     assert "he: level 0, resampled x0.500 -> 0.5 µm/px" in log
+    assert "1 file(s) of an unsupported type not predicted: notes.txt" in log
     n_tiles = len(tile_grid((1024, 1536), (256, 256), (64, 64)))
     counts = [int(ln.split(": ")[1].split(" of ")[0]) for ln in log.splitlines() if "tiles touch tissue" in ln]
     assert len(counts) == 2 and all(c < n_tiles for c in counts)

@@ -31,13 +31,19 @@ class Input:
     info: dict = field(default_factory=dict)  # level, mpp, tissue fraction: a collection's table
 
 
-def gather(inputs: Path) -> tuple[list[Input], list[str]]:
-    """The inputs ``--input`` names and the problems found."""
+def gather(inputs: Path, log: Callable = print) -> tuple[list[Input], list[str]]:
+    """The inputs ``--input`` names and the problems found. Files of a folder that are not of a
+    supported type are listed in the log (never skipped silently)."""
     if inputs.suffix.lower() == ".csv" and inputs.is_file():
         return read_manifest(inputs)
     if inputs.is_dir() and inputs.suffix.lower() != ".zarr":
         folder = inputs / "test" / "image" if (inputs / "test" / "image").is_dir() else inputs
         files = sorted(p for p in folder.iterdir() if read.is_image(p))
+        other = sorted(p.name for p in folder.iterdir() if p.is_file() and not read.is_image(p)
+                       and not p.name.startswith("."))
+        if other:
+            log(f"{folder}: {len(other)} file(s) of an unsupported type not predicted: {', '.join(other[:5])}"
+                + (" ..." if len(other) > 5 else "") + f" (supported: {', '.join(read.IMAGE_SUFFIXES)})")
     else:
         files = [inputs] if inputs.exists() else []
     if not files:
