@@ -408,7 +408,7 @@ def predict_new(run_dir: str | Path, inputs: str | Path, out: str | Path | None 
     from instantdl_ray import _ray
     from instantdl_ray.errors import DataError
     from instantdl_ray.config.validate import tissue_mask_problems
-    from instantdl_ray.io import read
+    from instantdl_ray.io import read, slide
     from instantdl_ray.predict.inputs import gather, prepare, write_table
     from instantdl_ray.predict.pool import done_records, finish_records, predict
 
@@ -436,7 +436,14 @@ def predict_new(run_dir: str | Path, inputs: str | Path, out: str | Path | None 
     out_dir = Path(out) if out else run_dir / "predict" / read._stem(Path(inputs).resolve())
     if problems:
         raise DataError(problems)
-    done = done_records(out_dir / "predictions", [i.name for i in found])
+    # what an earlier prediction into out_dir finished is kept, if the model and settings are the same
+    fingerprint = {"model": [model_path.stat().st_size, model_path.stat().st_mtime_ns],
+                   "settings": sorted(overrides or []), "run": str(run_dir)}
+    stamp = out_dir / "predict.json"
+    same = not stamp.exists() or json.loads(stamp.read_text()) == fingerprint
+    done = done_records(out_dir / "predictions", {i.name: i.path for i in found}) if same else {}
+    if not same:
+        log(f"{out_dir}: the model or the settings changed since its last prediction: predicting everything again")
     todo = [i for i in found if i.name not in done]
     if done:
         log(f"{len(done)} of {len(found)} inputs were predicted into {out_dir} before: kept")
@@ -449,10 +456,11 @@ def predict_new(run_dir: str | Path, inputs: str | Path, out: str | Path | None 
 
     diskspace.check(diskspace.run_needs(cfg, plan, samples, shapes, out_dir, train=False))
     out_dir.mkdir(parents=True, exist_ok=True)
+    write.write_json(stamp, fingerprint)
     log = RunLog(out_dir / "predict.log")
     with open(out_dir / "predict.log", "a") as f:
         f.write("".join(m + "\n" for m in early))
-    collection = bool(plan.extra.get("slides")) or Path(inputs).suffix.lower() == ".csv"  # slides: a table
+    collection = Path(inputs).suffix.lower() == ".csv" or any(slide.is_pyramid(i.path) for i in found)  # a table
     table = out_dir / "slides.csv"
     finished = dict(done)
 
@@ -471,8 +479,10 @@ def predict_new(run_dir: str | Path, inputs: str | Path, out: str | Path | None 
     if samples:
         _ray.init(address or cfg.ray.address, dashboard=bool(cfg.ray.dashboard))  # prediction: no Ray Train
         resources = _ray.plan_now(cfg.ray)
-        predict(cfg, plan, samples, shapes, model_path, out_dir, resources, log=log, masks=masks, reuse=True,
-                on_record=on_record)
+        records = predict(cfg, plan, samples, shapes, model_path, out_dir, resources, log=log, masks=masks,
+                          reuse=True, on_record=on_record)
+        for rec in records:  # classification: one record per image, none streamed through on_record
+            finished.setdefault(rec["name"], rec)
     finish_records(out_dir / "predictions", sorted(finished.values(), key=lambda r: r["name"]))
     failed = [i for i in found if i.error]
     if collection:

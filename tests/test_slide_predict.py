@@ -57,8 +57,10 @@ def test_resampled_view_equals_skimage_rescale_and_any_region_equals_the_whole()
     np.testing.assert_allclose(whole[4:-4, 4:-4], ref[4:-4, 4:-4], atol=1e-5)
     # every region (a tile of any origin) holds exactly the pixels of the whole: no resampling seams
     for idx in [(slice(40, 90), slice(10, 77)), (slice(None, None, 3), slice(5, 50, 2), 1), (7, 3),
-                (slice(80, 10, -7),), (Ellipsis, 2)]:
+                (slice(80, 10, -7),), (Ellipsis, 2), (-1, -3), (slice(None), -1)]:
         np.testing.assert_array_equal(r[idx], whole[idx])
+    with pytest.raises(IndexError):
+        r[150, 0]
     up = Resampled(a[..., 0], 1.5, "YX")
     np.testing.assert_array_equal(up[30:60, 20:40], up[:, :][30:60, 20:40])
 
@@ -207,6 +209,96 @@ def test_missing_mask_in_a_mask_folder_is_reported(tmp_path):
     assert tm.fraction == pytest.approx(64 / 1024) and tm.region((slice(64, 65), slice(64, 65))).all()
 
 
+def test_plain_images_and_ome_zarr_are_read_as_stored_and_duplicate_names_refused(tmp_path):
+    """Only slides (vendor files, TIFF pyramids) are resampled to the model's pixel size: a plain
+    TIFF at 0.25 µm/px and a multiscale OME-Zarr keep their shape, as the run's own test set does."""
+    import zarr
+
+    tif = tmp_path / "plain.tif"
+    tifffile.imwrite(tif, np.full((300, 200), 50, np.uint8), imagej=True, resolution=(4, 4), metadata={"unit": "um"})
+    z = zarr.open_group(str(tmp_path / "ms.zarr"), mode="w")
+    z.create_array("0", data=np.full((256, 256), 9, np.uint8))
+    z.create_array("1", data=np.full((128, 128), 9, np.uint8))
+    z.attrs["multiscales"] = [{"version": "0.4", "datasets": [{"path": "0"}, {"path": "1"}]}]
+    plan = _plan(mpp=0.5)
+    inputs = [Input(tif, "plain"), Input(tmp_path / "ms.zarr", "ms")]
+    samples, shapes, masks, problems = prepare(inputs, plan, "auto", tmp_path / "out", log=print)
+    assert problems == [] and masks == {} and plan.extra["views"] == {}
+    assert shapes[str(tif)] == (300, 200) and shapes[str(tmp_path / "ms.zarr")] == (256, 256)
+    tifffile.imwrite(tmp_path / "plain.png.tif", np.zeros((8, 8), np.uint8))
+    (tmp_path / "x.ome.tif").write_bytes(tif.read_bytes())
+    (tmp_path / "x.tif").write_bytes(tif.read_bytes())
+    found, problems = gather(tmp_path)
+    assert len(problems) == 1 and "x.ome.tif and x.tif would write the same outputs 'x'" in problems[0]
+
+
+@pytest.mark.parametrize("task", ["semantic", "classification"])
+def test_predict_again_keeps_what_the_same_model_and_settings_finished(tmp_path, monkeypatch, task):
+    """``predict_new``'s bookkeeping, with the prediction itself replaced (no Ray): index.json
+    lists every input (classification too); the same command again predicts nothing; other
+    settings (or another model file) predict everything again; an image of the same name from
+    another folder is not taken for a finished one."""
+    import json
+
+    from PIL import Image
+
+    import instantdl_ray._ray as ray_mod
+    import instantdl_ray.predict.pool as pool
+    from instantdl_ray import pipeline
+    from instantdl_ray.config import schema as config_mod
+
+    calls = []
+
+    def fake_predict(cfg, plan, samples, shapes, model_path, out_dir, resources, log=print, reuse=False,
+                     masks=None, on_record=None):
+        calls.append(sorted(s.stem for s in samples))
+        recs = []
+        for s in samples:
+            if task == "classification":
+                rec = {"name": s.image.name, "image": str(s.image), "prediction": 1, "prob": [0.2, 0.8],
+                       "uncertainty": 0.1, "groundtruth": None}
+            else:
+                path = out_dir / "predictions" / f"{s.stem}.tif"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tifffile.imwrite(path, np.zeros((4, 4), np.uint8))
+                rec = {"name": s.stem, "image": str(s.image), "prediction": str(path), "uncertainty": None,
+                       "groundtruth": None}
+                on_record(rec)
+            recs.append(rec)
+        return recs
+
+    monkeypatch.setattr(pool, "predict", fake_predict)
+    monkeypatch.setattr(ray_mod, "init", lambda *a, **k: None)
+    monkeypatch.setattr(ray_mod, "plan_now", lambda *a, **k: None)
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints" / "best").mkdir(parents=True)
+    (run_dir / "checkpoints" / "best" / "model.pt").write_bytes(b"weights")
+    (tmp_path / "data" / "train" / "image").mkdir(parents=True)
+    algo = "Classification" if task == "classification" else "SemanticSegmentation"
+    config_mod.dump(config_mod.from_dict({"use_algorithm": algo, "path": str(tmp_path / "data")}), run_dir / "config.yaml")
+    plan = _plan()
+    if task == "classification":
+        plan.task, plan.class_names, plan.image_size, plan.num_classes = "classification", ["a", "b"], [64, 64], 2
+    plan.to_json(run_dir / "plan.json")
+    for d in ("imgs", "other/imgs"):
+        (tmp_path / d).mkdir(parents=True)
+        for k in range(2):
+            Image.fromarray(np.full((32, 32), 40 * k + 10, np.uint8)).save(tmp_path / d / f"im{k}.png")
+
+    out = pipeline.predict_new(run_dir, tmp_path / "imgs")
+    assert out == run_dir / "predict" / "imgs" and calls == [["im0", "im1"]]
+    assert len(json.loads((out / "predictions" / "index.json").read_text())) == 2
+    pipeline.predict_new(run_dir, tmp_path / "imgs")
+    # nothing predicted again (classification records are named by file, a.png: redone, one forward pass each)
+    assert len(calls) == (2 if task == "classification" else 1)
+    n = len(calls)
+    pipeline.predict_new(run_dir, tmp_path / "imgs", overrides=["calculate_uncertainty=false"])
+    assert len(calls) == n + 1 and calls[-1] == ["im0", "im1"]  # other settings: everything again
+    pipeline.predict_new(run_dir, tmp_path / "other" / "imgs", out=out, overrides=["calculate_uncertainty=false"])
+    assert calls[-1] == ["im0", "im1"]  # same names, other files
+    assert len(json.loads((out / "predictions" / "index.json").read_text())) == 2
+
+
 # ---------------------------------------------------------------- stitching a partial grid
 
 
@@ -294,7 +386,9 @@ def test_instance_geojson_one_detection_per_object_with_holes_and_measurements(t
     ring, box = polys
     assert len(ring.interiors) == 1  # the hole kept
     assert ring.area == pytest.approx(np.pi * (40**2 - 10**2) * 4, rel=0.05)  # level-0 px: factor 2
-    assert box.bounds == pytest.approx((500, 400, 760, 520), abs=2)
+    # pixel corners, as QuPath's (not centres: 499, 399); simplification moves a corner by < 1/2 px
+    assert box.bounds[:2] == pytest.approx((500, 400), abs=1e-6)
+    assert box.bounds[2:] == pytest.approx((760, 520), abs=1.0)
     m = feats[0]["properties"]["measurements"]
     assert m["Area µm^2"] == pytest.approx((lab == 1).sum() * 0.25) and m["score"] == 0.9
     assert m["mean uncertainty"] == pytest.approx(0.25)

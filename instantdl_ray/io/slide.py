@@ -216,8 +216,9 @@ def level_count(path: str | Path) -> int:
 
 
 def is_pyramid(path: str | Path) -> bool:
-    """A whole-slide input: a vendor slide, or an image file that holds a resolution pyramid."""
-    return is_slide(path) or level_count(path) > 1
+    """A whole-slide input: a vendor slide, or a TIFF that holds a resolution pyramid (an
+    OME-Zarr multiscale is read at its full resolution, as stored)."""
+    return is_slide(path) or (Path(path).suffix.lower() in (".tif", ".tiff") and level_count(path) > 1)
 
 
 MAX_MPP = 50.0  # µm; a larger "pixel size" is a print resolution (72 dpi = 353 µm), not a microscope's
@@ -313,7 +314,11 @@ class Resampled:
         for k in self.spatial:
             i = index[k]
             if isinstance(i, (int, np.integer)):
-                i = slice(int(i), int(i) + 1)
+                n = self.shape[k]
+                if not -n <= int(i) < n:
+                    raise IndexError(f"index {i} out of range for an axis of {n}")
+                j = int(i) % n
+                i = slice(j, j + 1)
                 after[k] = 0
             if not isinstance(i, slice):
                 raise IndexError(f"unsupported index {index[k]!r} on a resampled axis (ints and slices only)")

@@ -49,7 +49,17 @@ def gather(inputs: Path, log: Callable = print) -> tuple[list[Input], list[str]]
     if not files:
         return [], [f"--input {inputs}: no images found (supported: {', '.join(read.IMAGE_SUFFIXES)}, "
                     "or a manifest .csv with a 'slide' column)"]
-    return [Input(f, read._stem(f)) for f in files], []
+    found = [Input(f, read._stem(f)) for f in files]
+    return found, _same_names(found, str(inputs))
+
+
+def _same_names(found: list[Input], where: str) -> list[str]:
+    """Inputs whose outputs would be one file (``a.png`` and ``a.tif``; ``x.ome.tif`` and ``x.tif``)."""
+    by: dict[str, list[Input]] = {}
+    for i in found:
+        by.setdefault(i.name, []).append(i)
+    return [f"{where}: {' and '.join(i.path.name for i in same)} would write the same outputs '{n}'; rename one, "
+            "or list them in a manifest CSV with distinct 'name's" for n, same in by.items() if len(same) > 1]
 
 
 def read_manifest(path: Path) -> tuple[list[Input], list[str]]:
@@ -97,7 +107,10 @@ def prepare(inputs: list[Input], plan: Plan, tissue_setting: str, out_dir: Path,
     views = plan.extra.setdefault("views", {})
     for inp in inputs:
         n_before = len(problems)
-        _prepare_one(inp, plan, tissue_setting, out_dir, log, samples, shapes, masks, problems, views)
+        try:
+            _prepare_one(inp, plan, tissue_setting, out_dir, log, samples, shapes, masks, problems, views)
+        except Exception as e:  # corrupt tiles in the thumbnail or the statistics: this input fails alone
+            problems.append(f"{inp.path}: cannot be read ({type(e).__name__}: {e})".splitlines()[0][:500])
         if len(problems) > n_before:
             inp.error = "; ".join(problems[n_before:])
     return samples, shapes, masks, problems
@@ -122,7 +135,8 @@ def _prepare_one(inp: Input, plan: Plan, tissue_setting: str, out_dir: Path, log
                 "--input manifest.csv")
             return
         info = slide.slide_info(f) if pyramid else None
-        view = slide.choose_view(info, input_mpp, plan.mpp)
+        # slides are read at the model's resolution; other images as stored (as the run's own test set)
+        view = slide.choose_view(info, input_mpp, plan.mpp) if pyramid else slide.View(0, 1.0, input_mpp)
         arr = slide.open_view(f, view, plan.axes)
         shape = tuple(int(s) for s in arr.shape)
     except Exception as e:

@@ -128,19 +128,21 @@ RECORDS = ".records"  # predictions/.records/<stem>.json: one per image written,
 
 def _done_records(pred_dir: Path, samples: list[read.Sample]) -> dict[str, dict]:
     """Records of ``samples`` whose outputs an earlier prediction into ``pred_dir`` finished."""
-    return done_records(pred_dir, [s.stem for s in samples])
+    return done_records(pred_dir, {s.stem: s.image for s in samples})
 
 
-def done_records(pred_dir: Path, names: list[str]) -> dict[str, dict]:
-    """Records of the images ``names`` whose outputs an earlier prediction into ``pred_dir`` wrote
-    completely: an interrupted one's per-image marks, or a finished one's ``index.json``."""
+def done_records(pred_dir: Path, images: dict[str, Path]) -> dict[str, dict]:
+    """Records of ``images`` (output name -> input file) whose outputs an earlier prediction into
+    ``pred_dir`` wrote completely, from the same input file: an interrupted one's per-image marks,
+    or a finished one's ``index.json``."""
     index = pred_dir / "index.json"
     finished = {r.get("name"): r for r in json.loads(index.read_text())} if index.exists() else {}
     done = {}
-    for name in names:
+    for name, image in images.items():
         path = pred_dir / RECORDS / f"{name}.json"
         rec = json.loads(path.read_text()) if path.exists() else finished.get(name)
-        if rec and all(Path(rec[k]).exists() for k in OUTPUT_KEYS if rec.get(k)):
+        if (rec and Path(rec.get("image", "")).resolve() == Path(image).resolve()
+                and all(Path(rec[k]).exists() for k in OUTPUT_KEYS if isinstance(rec.get(k), str))):
             done[name] = rec
     return done
 

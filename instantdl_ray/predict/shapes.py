@@ -51,7 +51,8 @@ def outline(mask: np.ndarray, y0: float = 0.0, x0: float = 0.0, factor: float = 
         return None
     from shapely import affinity
 
-    shape = affinity.affine_transform(shape, [factor, 0, 0, factor, (x0 - 1) * factor, (y0 - 1) * factor])
+    # contours run through pixel centres of the padded crop; QuPath's coordinates are pixel corners
+    shape = affinity.affine_transform(shape, [factor, 0, 0, factor, (x0 - 0.5) * factor, (y0 - 0.5) * factor])
     shape = shape.simplify(simplify * factor, preserve_topology=True)
     return shape if shape.is_valid else make_valid(shape)
 
