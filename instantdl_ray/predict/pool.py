@@ -333,7 +333,7 @@ def write_slide_outputs(s: read.Sample, rec: dict, task, plan: Plan, pred_dir: P
                                              plan.class_names[-1] if plan.class_names else "object", unc2d)
         else:
             feats = shapes.class_features(pred, list(plan.class_names), meta["factor"], meta.get("mpp"))
-        out["geojson"] = str(shapes.write_geojson(pred_dir / f"{s.stem}.geojson", list(feats)))
+        out["geojson"] = str(shapes.write_geojson(pred_dir / f"{s.stem}.geojson", feats))
     return out
 
 

@@ -15,7 +15,7 @@ into connected regions block by block and regions cut by a block edge are joined
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 
@@ -127,12 +127,20 @@ def class_features(mask: Any, class_names: list[str], factor: float, mpp: float 
             yield _feature(geom, "annotation", name, _colour(k - 1), {_area_key(mpp): area * px_area})
 
 
-def write_geojson(path: Path, features: list[dict]) -> Path:
+def write_geojson(path: Path, features: Iterable[dict]) -> Path:
+    """A FeatureCollection written feature by feature (a slide's millions of nuclei never sit in
+    memory together), each checked with ``geojson``'s validator; the file appears when complete."""
+    import json
+
     import geojson
 
     from instantdl_ray.io import write
 
-    fc = geojson.FeatureCollection(features)
-    if not fc.is_valid:
-        raise ValueError(f"{path}: invalid GeoJSON: {fc.errors()}")
-    return write.write_json(path, fc, indent=None)
+    with write.atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.write('{"type": "FeatureCollection", "features": [')
+        for k, feat in enumerate(features):
+            if not geojson.GeoJSON.to_instance(feat).is_valid:
+                raise ValueError(f"{path}: invalid GeoJSON feature {k}: {geojson.GeoJSON.to_instance(feat).errors()}")
+            f.write(("," if k else "") + "\n" + json.dumps(feat, separators=(",", ":"), allow_nan=False))
+        f.write("\n]}\n")
+    return Path(path)
