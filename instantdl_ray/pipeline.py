@@ -488,7 +488,7 @@ def predict_new(run_dir: str | Path, inputs: str | Path, out: str | Path | None 
     if collection:
         log(f"{len(finished)} of {len(found)} done, {len(failed)} failed: {table}")
     if failed:
-        raise RunFailed([f"{i.path}: {i.error}" for i in failed],
+        raise RunFailed([i.error for i in failed],  # each names its file
                         title=f"{len(failed)} of {len(found)} inputs failed (the others are in {out_dir}; "
                               "fix these and run the same command again to predict only them)")
     log(f"done. Predictions in {out_dir}")

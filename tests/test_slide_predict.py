@@ -299,6 +299,17 @@ def test_predict_again_keeps_what_the_same_model_and_settings_finished(tmp_path,
     assert len(json.loads((out / "predictions" / "index.json").read_text())) == 2
 
 
+def test_a_truncated_pyramid_is_reported_once_without_tifffile_warnings(tmp_path, caplog):
+    img, _ = _grey_slide((1024, 1024), ((100, 100, 200, 200),))
+    path = write_ome_pyramid(tmp_path / "cut.ome.tif", img, mpp=0.5)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 10])
+    with caplog.at_level("WARNING"):
+        why = read.check_pixels(path)
+    assert why is not None and "truncated" in why
+    assert not [r for r in caplog.records if r.name.startswith("tifffile")]
+
+
 # ---------------------------------------------------------------- stitching a partial grid
 
 

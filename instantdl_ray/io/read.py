@@ -148,9 +148,21 @@ TIFF_SLIDE_SUFFIXES = (".svs", ".ndpi", ".scn", ".bif", ".svslide")  # vendor sl
 
 def _tiff_offsets_problem(path: Path) -> str | None:
     """Why the TIFF's strips or tiles cannot all be read (one lies past the end of the file), or None."""
-    import tifffile
+    import logging
 
     size = path.stat().st_size
+    quiet = logging.getLogger("tifffile")
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)  # a damaged tag is this function's answer, not a console message
+    try:
+        return _offsets_past_end(path, size)
+    finally:
+        quiet.setLevel(level)
+
+
+def _offsets_past_end(path: Path, size: int) -> str | None:
+    import tifffile
+
     with tifffile.TiffFile(str(path)) as tf:
         for page in tf.pages:
             ends = [o + c for o, c in zip(page.dataoffsets, page.databytecounts) if c]
