@@ -460,7 +460,10 @@ def predict_new(run_dir: str | Path, inputs: str | Path, out: str | Path | None 
     log = RunLog(out_dir / "predict.log")
     with open(out_dir / "predict.log", "a") as f:
         f.write("".join(m + "\n" for m in early))
-    collection = Path(inputs).suffix.lower() == ".csv" or any(slide.is_pyramid(i.path) for i in found)  # a table
+    # a table for slides: a manifest, or a slide prepared now, done before (its OME-Zarr) or failed;
+    # only the failed ones are opened again to tell
+    collection = (Path(inputs).suffix.lower() == ".csv" or bool(plan.extra.get("slides"))
+                  or any("ome_zarr" in r for r in done.values()) or any(i.error and slide.is_pyramid(i.path) for i in found))
     table = out_dir / "slides.csv"
     finished = dict(done)
 

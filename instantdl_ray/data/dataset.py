@@ -277,9 +277,10 @@ def training_rows(
 
 
 def grid_rows(samples: list[read.Sample], shapes: dict[str, tuple[int, ...]], plan: Plan, overlap: float,
-              keep: dict[str, list[int]] | None = None) -> list[dict]:
+              keep: dict[str, list[int]] | None = None, grids: dict[str, list] | None = None) -> list[dict]:
     """Spec rows covering each image with the prediction tile grid (validation / prediction);
-    ``keep``: per image, the indices of the grid's tiles to read (a slide's tissue), else all."""
+    ``keep``: per image, the indices of the grid's tiles to read (a slide's tissue), else all;
+    ``grids``: per image, its grid when the caller built it already (``tile.tile_grid``)."""
     from instantdl_ray.data.tile import grid_overlap, tile_grid
     from instantdl_ray.tasks import get_task
 
@@ -288,7 +289,7 @@ def grid_rows(samples: list[read.Sample], shapes: dict[str, tuple[int, ...]], pl
     rows = []
     for idx, s in enumerate(samples):
         sp = spatial_shape(shapes[str(s.image)], plan.axes)
-        tiles = tile_grid(tuple(sp), tuple(plan.tile_shape), ov) if pixelwise else [None]
+        tiles = ((grids or {}).get(str(s.image)) or tile_grid(tuple(sp), tuple(plan.tile_shape), ov)) if pixelwise else [None]
         wanted = set(keep[str(s.image)]) if keep and str(s.image) in keep else None
         for t_idx, t in enumerate(tiles):
             if wanted is not None and t_idx not in wanted:

@@ -31,18 +31,16 @@ MARGIN = 32  # px of the model's grid the detected mask is grown by
 
 def thumbnail(path: str | Path, side: int = THUMB_SIDE) -> np.ndarray:
     """A ``(y, x[, C])`` thumbnail of a slide or pyramid whose long side is about ``side`` px, read
-    from the coarsest level that is still at least that large (strided when it is larger)."""
+    from the coarsest level that is still at least that large (strided when it is larger); only
+    that level is opened."""
     from instantdl_ray.io import read
-    from instantdl_ray.io.slide import is_slide, level_count
+    from instantdl_ray.io.slide import slide_info
 
-    n = level_count(path)
-    arrays = [read.open_array(path, k) for k in range(n)]
-    spatial = [_yx(a.shape) for a in arrays]
-    pick = max((k for k, (h, w) in enumerate(spatial) if max(h, w) >= side), default=0)
-    arr = arrays[pick]
-    h, w = spatial[pick]
-    step = max(1, int(max(h, w) // side))
-    ax = _yx_axes(arr.shape, rgb=is_slide(path))
+    levels = slide_info(path).levels  # (Y, X) per level, from the metadata
+    pick = max((k for k, (h, w) in enumerate(levels) if max(h, w) >= side), default=0)
+    arr = read.open_array(path, pick)
+    step = max(1, int(max(levels[pick]) // side))
+    ax = _yx_axes(arr.shape)
     index = tuple(slice(None, None, step) if k in ax else slice(None) for k in range(len(arr.shape)))
     out = np.asarray(arr[index])
     if out.ndim == 3 and ax == (1, 2):  # (C, Y, X) -> (Y, X, C)
@@ -50,7 +48,7 @@ def thumbnail(path: str | Path, side: int = THUMB_SIDE) -> np.ndarray:
     return out
 
 
-def _yx_axes(shape: Sequence[int], rgb: bool = False) -> tuple[int, int]:
+def _yx_axes(shape: Sequence[int]) -> tuple[int, int]:
     """Positions of Y and X in a level's shape: the two longest axes (channels and samples are few)."""
     if len(shape) == 2:
         return (0, 1)

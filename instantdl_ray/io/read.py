@@ -12,6 +12,8 @@ Supported layouts (``<root>/<split>/`` with split in ``train`` / ``test``):
 
 from __future__ import annotations
 
+import contextlib
+
 import csv
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -146,38 +148,43 @@ def check_pixels(path: str | Path) -> str | None:
 TIFF_SLIDE_SUFFIXES = (".svs", ".ndpi", ".scn", ".bif", ".svslide")  # vendor slides stored as TIFF
 
 
-def _tiff_offsets_problem(path: Path) -> str | None:
-    """Why the TIFF's strips or tiles cannot all be read (one lies past the end of the file), or None."""
+@contextlib.contextmanager
+def _quiet_tifffile():
+    """Holds back tifffile's own log lines (a damaged tag): the checks below say what is wrong."""
     import logging
 
-    size = path.stat().st_size
-    quiet = logging.getLogger("tifffile")
-    level = quiet.level
-    quiet.setLevel(logging.CRITICAL)  # a damaged tag is this function's answer, not a console message
+    logger = logging.getLogger("tifffile")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
     try:
-        return _offsets_past_end(path, size)
+        yield
     finally:
-        quiet.setLevel(level)
+        logger.setLevel(level)
 
 
-def _offsets_past_end(path: Path, size: int) -> str | None:
+def _tiff_offsets_problem(path: Path) -> str | None:
+    """Why the TIFF's strips or tiles cannot all be read (one lies past the end of the file), or None."""
     import tifffile
 
-    with tifffile.TiffFile(str(path)) as tf:
-        for page in tf.pages:
-            ends = [o + c for o, c in zip(page.dataoffsets, page.databytecounts) if c]
-            if ends and max(ends) > size:
-                return f"image data up to byte {max(ends)} claimed, the file has {size} bytes (truncated?)"
+    with _quiet_tifffile(), tifffile.TiffFile(str(path)) as tf:
+        return _offsets_past_end(tf, path.stat().st_size)
+
+
+def _offsets_past_end(tf: Any, size: int) -> str | None:
+    for page in tf.pages:
+        ends = [o + c for o, c in zip(page.dataoffsets, page.databytecounts) if c]
+        if ends and max(ends) > size:
+            return f"image data up to byte {max(ends)} claimed, the file has {size} bytes (truncated?)"
     return None
 
 
 def _check_tiff(path: Path) -> str | None:
     import tifffile
 
-    why = _tiff_offsets_problem(path)
-    if why:
-        return why
-    with tifffile.TiffFile(str(path)) as tf:
+    with _quiet_tifffile(), tifffile.TiffFile(str(path)) as tf:  # parsed once: offsets, sizes, small pixels
+        why = _offsets_past_end(tf, path.stat().st_size)
+        if why:
+            return why
         for page in tf.pages:
             counts = page.databytecounts
             nbytes = int(np.prod(page.shape)) * page.dtype.itemsize if page.dtype is not None else 0

@@ -38,12 +38,13 @@ class SlideInfo:
     downsamples: tuple[float, ...]
     mpp: dict[str, float] | None
 
-    def level_for(self, mpp: float) -> int:
+    def level_for(self, mpp: float, base: float | None = None) -> int:
         """The coarsest level whose pixels are at most ``mpp`` µm (so resampling only shrinks);
-        level 0 when the slide has no pixel size or every level is coarser."""
-        if not self.mpp:
+        level 0 when the slide has no pixel size or every level is coarser. ``base``: the level-0
+        pixel size to use instead of the file's (a manifest's ``mpp``)."""
+        base = base or (float(self.mpp["x"]) if self.mpp else None)
+        if not base:
             return 0
-        base = float(self.mpp["x"])
         fits = [k for k, d in enumerate(self.downsamples) if base * d <= float(mpp) * (1 + 1e-6)]
         return fits[-1] if fits else 0
 
@@ -260,8 +261,7 @@ def choose_view(info: SlideInfo | None, input_mpp: float | None, model_mpp: floa
         return View(0, 1.0, input_mpp or None)
     level, down = 0, 1.0
     if info is not None:
-        rel = SlideInfo(info.path, info.vendor, info.levels, info.downsamples, {"y": input_mpp, "x": input_mpp})
-        level = rel.level_for(model_mpp)
+        level = info.level_for(model_mpp, base=input_mpp)
         down = float(info.downsamples[level])
     level_mpp = float(input_mpp) * down
     scale = level_mpp / float(model_mpp)

@@ -202,7 +202,7 @@ def predict(cfg, plan: Plan, samples: list[read.Sample], shapes: dict, model_pat
     for s in samples:
         if str(s.image) in keep:
             log(f"{s.stem}: {len(keep[str(s.image)])} of {len(grids[str(s.image)])} tiles touch tissue")
-    rows = grid_rows(samples, shapes, plan, cfg.tile_overlap, keep=keep)
+    rows = grid_rows(samples, shapes, plan, cfg.tile_overlap, keep=keep, grids=grids)
     ds = ray_dataset(rows, plan, with_target=False, rows_per_block=4)
     # the checkpoint's bytes, not a loaded state dict: the driver never imports torch for this
     # (~300 MB of RSS), and the actors on any node load it from the object store
