@@ -14,7 +14,7 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
@@ -376,6 +376,24 @@ def decide(cfg: Config, plan: Plan, run_dir: Path, log: Callable) -> dict:
     return decision
 
 
+def annotation_groundtruth(run_dir: Path, plan: Plan, record: dict, log: Callable) -> Any:
+    """The groundtruth of a test record as evaluation reads it: GeoJSON annotations rasterised
+    onto the image's pixels (block by block) as ``evaluation/groundtruth/<name>.zarr``, which
+    napari and Fiji open beside the prediction; any other groundtruth as it is."""
+    from instantdl_ray.data.dataset import annotation_labels
+    from instantdl_ray.io import read
+    from instantdl_ray.io.annotations import is_annotation
+
+    gt = record["groundtruth"]
+    if isinstance(gt, (list, tuple)) or not is_annotation(Path(gt)):
+        return gt
+    out = run_dir / "evaluation" / "groundtruth" / f"{record['name']}.zarr"
+    labels = annotation_labels(gt, read.open_array(record["image"]).shape, plan)
+    write.write_zarr(out, labels)
+    log(f"{Path(gt).name}: annotations rasterised to {out.relative_to(run_dir)} for evaluation")
+    return str(out)
+
+
 def evaluate_run(run_dir: Path, cfg: Config, plan: Plan, records: list[dict], log: Callable) -> dict:
     """Evaluate predictions against test groundtruth, when the test split has it."""
     from instantdl_ray.evaluation.evaluate import evaluate
@@ -386,6 +404,7 @@ def evaluate_run(run_dir: Path, cfg: Config, plan: Plan, records: list[dict], lo
         log("evaluation skipped: the test split has no groundtruth")
         return {}
     task = get_task(plan.task)
+    items = [{**r, "groundtruth": annotation_groundtruth(run_dir, plan, r, log)} if task.pixelwise else r for r in items]
     if not task.pixelwise:
         items = [{"name": r["name"], "groundtruth": r["groundtruth"]} for r in items]
     else:

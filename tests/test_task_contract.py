@@ -15,6 +15,7 @@ import pytest
 import tifffile
 import torch
 
+from instantdl_ray.config.validate import Inventory
 from instantdl_ray.io import read
 from instantdl_ray.config.plan import Plan
 from instantdl_ray.predict.pool import _write_classification, _write_pixel, _write_predictions_csv
@@ -63,7 +64,7 @@ def _disc_labels(b: int, tile: tuple[int, ...], rng) -> np.ndarray:
 def _case(task_name, model, tile, classes):
     task = get_task(task_name)
     cfg = SimpleNamespace(num_classes=classes, loss_function=None, model=model)
-    inv = SimpleNamespace(label_values=[0, 1, 2], class_names={})
+    inv = Inventory(label_values={0, 1, 2}, class_names={})
     fields = task.plan_fields(cfg, inv)
     extra = fields.pop("extra", {})
     in_ch = 2 if task_name == "regression" else 1

@@ -108,6 +108,22 @@ def image_percentiles(path: Path, axes: str, augment: dict | None = None) -> lis
     return channel_stats(chw.reshape(chw.shape[0], -1), augment)
 
 
+def image_stats(path: Path, axes: str, augment: dict | None, tissue_setting: str, tile: list[int]) -> list[list[float]]:
+    """``image_percentiles`` of an image; of a whole slide, from its tissue only (the ``tissue_mask``
+    setting, as prediction does in ``predict.inputs``), so the glass that covers most of a slide
+    does not set the intensity range in training either."""
+    from instantdl_ray.io.slide import is_pyramid
+
+    if tissue_setting != "none" and is_pyramid(path):
+        from instantdl_ray.data.tissue import mask_for, yx_shape
+
+        arr = read.open_array(path)
+        mask = mask_for(path, yx_shape(arr.shape), tissue_setting, tile)
+        if mask is not None and mask.fraction > 0:
+            return channel_stats(mask.sample(arr, read.image_axes(arr.shape, axes)), augment)
+    return image_percentiles(path, axes, augment)
+
+
 def channel_stats(flat: np.ndarray, augment: dict | None = None) -> list[list[float]]:
     """``image_percentiles``' per-channel ``(lo, hi)`` of pixels ``(C, N)`` (e.g. a slide's tissue)."""
     flat = np.asarray(flat, dtype=np.float64)
@@ -240,6 +256,11 @@ def _sample_object_extents(sample, target_axes: str | None, seed: int = 0) -> li
         return out
     if not isinstance(gt, (str, Path)) or not Path(gt).exists():
         return []
+    from instantdl_ray.io import annotations
+
+    if annotations.is_annotation(Path(gt)):  # polygons: their bounding boxes, on the pixel grid
+        return [[int(np.ceil(b[3]) - np.floor(b[1])), int(np.ceil(b[2]) - np.floor(b[0]))]
+                for b in (g.bounds for g in annotations.load(gt).shapes)]
     arr = read.open_array(gt)
     axes = target_axes if target_axes and len(target_axes) == len(arr.shape) else "ZYX"[-len(arr.shape):]
     spatial = [(d, int(n)) for d, (a, n) in enumerate(zip(axes, arr.shape)) if a in "ZYX"]
@@ -358,10 +379,15 @@ def make_plan(cfg, inv) -> Plan:
         extra={**fields.get("extra", {}), **extra_fields, "augment": cfg.data_gen_args.model_dump()},
     )
     plan.mpp, plan.extra["mpp_source"] = model_mpp(cfg.mpp, inv.samples.get("train", []))
-    plan.image_norm = {str(s.image): image_percentiles(s.image, axes, plan.extra["augment"]) for s in samples}
+    plan.image_norm = {str(s.image): image_stats(s.image, axes, plan.extra["augment"], cfg.tissue_mask, plan.tile_shape)
+                       for s in samples}
+    if inv.annotation_classes:
+        plan.extra["annotation_classes"] = dict(inv.annotation_classes)
     if plan.extra["augment"].get("threshold_background_groundtruth") and target_axes:
-        plan.extra["target_threshold"] = {str(s.image): target_thresholds(s.groundtruth, target_axes)
-                                          for s in samples if isinstance(s.groundtruth, (str, Path))}
+        from instantdl_ray.io.annotations import is_annotation
+
+        plan.extra["target_threshold"] = {str(s.image): target_thresholds(s.groundtruth, target_axes) for s in samples
+                                          if isinstance(s.groundtruth, (str, Path)) and not is_annotation(Path(s.groundtruth))}
     if task.target_statistics:
         stats = [_target_stats(s, target_axes, plan.extra) for s in inv.samples.get("train", [])[:64]]
         if stats:

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from instantdl_ray.io import read
+from instantdl_ray.io import annotations, read
+from instantdl_ray.io.annotations import is_annotation
 from instantdl_ray.config.schema import Config
 from instantdl_ray.errors import DataError
 
@@ -30,6 +31,7 @@ class Inventory:
     empty_masks: list[str] = field(default_factory=list)  # training masks with background only
     label_max: dict[str, float] = field(default_factory=dict)  # groundtruth path -> largest value
     warnings: list[str] = field(default_factory=list)  # fine to train with, but the user should know
+    annotation_classes: dict[str, int] = field(default_factory=dict)  # GeoJSON class name -> label value
 
 
 def _shape(path: Path) -> tuple[int, ...]:
@@ -158,6 +160,16 @@ def validate(cfg: Config) -> Inventory:
             gt = s.groundtruth
             if gt is None or isinstance(gt, int):
                 continue
+            if isinstance(gt, Path) and is_annotation(gt):  # QuPath GeoJSON: polygons on the image's pixels
+                from instantdl_ray.data.tissue import yx_shape
+
+                yx = yx_shape(inv.image_shapes[str(s.image)])
+                found = annotations.problems(gt, s.image, yx)
+                problems += found
+                if not found:
+                    inv.target_shapes[str(s.image)] = tuple(yx)
+                    _note_annotations(inv, annotations.load(gt))
+                continue
             paths = gt if isinstance(gt, list) else [gt]
             broken = [(p, why) for p in paths if (why := read.check_pixels(p)) is not None]
             for p, why in broken:
@@ -232,13 +244,47 @@ def validate(cfg: Config) -> Inventory:
         problems.append(f"images have different channel counts {sorted(n_channels)}; all images need the same channels")
 
     # label values
+    inv.class_names = read.read_class_names(root)
+    problems += _annotation_classes(inv)
     problems += task.check_labels(cfg, inv)
     if task.target_kind == "label":
         problems += _check_foreground(inv)
-    inv.class_names = read.read_class_names(root)
     if problems:
         raise DataError(problems)
     return inv
+
+
+def _note_annotations(inv: Inventory, ann) -> None:
+    """Warnings about what of a GeoJSON file is not used as drawn."""
+    if ann.skipped:
+        inv.warnings.append(f"{ann.path}: {', '.join(f'{n} {k}' for k, n in ann.skipped.items())} without area "
+                            "skipped (only polygons label pixels)")
+    if ann.repaired:
+        inv.warnings.append(f"{ann.path}: {ann.repaired} self-intersecting polygon(s) repaired (shapely make_valid)")
+
+
+def annotation_num_classes(inv: Inventory) -> int:
+    """Semantic classes the GeoJSON classes give: 1 (a binary mask) for one class, else the
+    largest label value + 1 (background included)."""
+    top = max(inv.annotation_classes.values(), default=1)
+    return 1 if top <= 1 else top + 1
+
+
+def _annotation_classes(inv: Inventory) -> list[str]:
+    """The label value of every class named in the data set's GeoJSON files (``classes.txt``'s
+    index where it names the class, else 1, 2, ... alphabetically), in ``inv.annotation_classes``."""
+    files = [s.groundtruth for ss in inv.samples.values() for s in ss
+             if isinstance(s.groundtruth, Path) and is_annotation(s.groundtruth) and str(s.image) in inv.target_shapes]
+    if not files:
+        return []
+    names = sorted({c for f in files for c in annotations.load(f).classes})
+    inv.annotation_classes = annotations.class_index(names, inv.class_names)
+    missing = [n for n in names if n not in inv.annotation_classes]
+    if missing:
+        return [f"classes.txt: no index for the annotation class(es) {', '.join(repr(n) for n in missing)} of "
+                f"{files[0].parent}; add a line '<index> <name>' for each"]
+    inv.label_values |= {0, *inv.annotation_classes.values()}
+    return []
 
 
 MAX_LABEL_PIXELS = 5e7  # label images read whole at validation; larger ones (slides) are not
@@ -250,6 +296,7 @@ def _check_foreground(inv: Inventory) -> list[str]:
     checked = 0
     for s in inv.samples.get("train", []):
         if (not isinstance(s.groundtruth, Path) or str(s.image) not in inv.target_shapes  # unreadable: reported
+                or is_annotation(s.groundtruth)  # polygons: a file without any is refused in validate
                 or np.prod(inv.target_shapes[str(s.image)]) >= MAX_LABEL_PIXELS):
             continue
         checked += 1
@@ -298,8 +345,8 @@ def check_label_values(cfg: Config, inv: Inventory) -> list[str]:
     values: set = set()
     for ss in inv.samples.values():
         for s in ss:
-            if not isinstance(s.groundtruth, Path) or str(s.image) not in inv.target_shapes:
-                continue
+            if not isinstance(s.groundtruth, Path) or str(s.image) not in inv.target_shapes or is_annotation(s.groundtruth):
+                continue  # GeoJSON classes: _annotation_classes
             arr = np.asarray(read.open_array(s.groundtruth)[...]) if np.prod(inv.target_shapes[str(s.image)]) < MAX_LABEL_PIXELS else None
             if arr is None:
                 continue
@@ -312,8 +359,9 @@ def check_label_values(cfg: Config, inv: Inventory) -> list[str]:
                 continue
             values |= set(int(v) for v in u)
             inv.label_max[str(s.groundtruth)] = float(u[-1])
-    inv.label_values = values
-    n = cfg.num_classes or 1
+    inv.label_values = values | inv.label_values
+    values = inv.label_values
+    n = cfg.num_classes or annotation_num_classes(inv)
     if n == 1 and len(values) > 2:
         problems.append(
             f"num_classes: 1 (binary, the default) but the masks hold {len(values)} values {sorted(values)[:10]}; "

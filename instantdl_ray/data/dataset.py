@@ -17,6 +17,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from instantdl_ray.io import read
+from instantdl_ray.io.annotations import is_annotation
 from instantdl_ray.config.plan import Plan, normalize_image
 
 EPOCH_SEED_STRIDE = 1_000_003  # a prime, so (epoch, index) pairs give distinct seeds
@@ -40,6 +41,25 @@ def _open_view(path: str, level: int, scale: float, axes: str) -> Any:
 @lru_cache(maxsize=4)
 def _instance_label(paths_json: str) -> np.ndarray:
     return read.read_instance_masks([Path(p) for p in json.loads(paths_json)])
+
+
+@lru_cache(maxsize=16)
+def _annotation_labels(path: str, shape: tuple[int, ...], classes_json: str) -> Any:
+    """Per-process cache of GeoJSON annotations rasterised on the fly (``io.annotations.Labels``)."""
+    from instantdl_ray.io.annotations import Labels
+
+    return Labels(path, shape, json.loads(classes_json) if classes_json else None)
+
+
+def annotation_labels(target: str | Path, image_shape: Sequence[int], plan: Plan) -> Any:
+    """The lazy label image of a GeoJSON groundtruth on an image of ``image_shape`` (as stored):
+    class values (``plan.extra["annotation_classes"]``) or, for a task that labels instances, one
+    id per polygon."""
+    from instantdl_ray.tasks import get_task
+
+    yx = tuple(spatial_shape(image_shape, read.image_axes(image_shape, plan.axes))[-2:])
+    classes = None if get_task(plan.task).label_kind == "instances" else plan.extra.get("annotation_classes", {})
+    return _annotation_labels(str(target), yx, "" if classes is None else json.dumps(classes, sort_keys=True))
 
 
 def encode_target(gt: Any) -> str:
@@ -123,6 +143,8 @@ class ReadTiles:
         if target.startswith("["):
             lab = _instance_label(target)
             t = read_window(lab, "YX", origin, p.tile_shape)
+        elif is_annotation(Path(target)):  # QuPath GeoJSON, rasterised for this tile only
+            t = read_window(annotation_labels(target, _open(image).shape, p), "YX", origin, p.tile_shape)
         else:
             t = read_window(_open(target), p.target_axes, origin, p.tile_shape)
         t = clean_target(t, self.target_params, self.target_threshold.get(image) if image else None)
@@ -191,10 +213,55 @@ def foreground_map(target: Any, target_axes: str, cell: Sequence[int]) -> np.nda
 def foreground_maps(samples: list[read.Sample], shapes: dict[str, tuple[int, ...]], plan: Plan) -> dict[str, np.ndarray]:
     """``foreground_map`` of the label of every sample larger than a tile (cells of a quarter tile
     per axis); a tile already covers a smaller image, so its label is not read."""
-    cell = [max(1, t // 4) for t in plan.tile_shape]
+    cell = coverage_cell(plan)
     return {str(s.image): foreground_map(s.groundtruth, plan.target_axes or "YX", cell) for s in samples
             if s.groundtruth is not None and not isinstance(s.groundtruth, int)
+            and not (isinstance(s.groundtruth, Path) and is_annotation(s.groundtruth))  # annotated_maps
             and _larger_than_tile(spatial_shape(shapes[str(s.image)], plan.axes), plan.tile_shape)}
+
+
+def coverage_cell(plan: Plan) -> list[int]:
+    """Pixels per axis of one cell of the coarse maps tiles are sampled from (a quarter tile)."""
+    return [max(1, t // 4) for t in plan.tile_shape]
+
+
+def annotated_maps(samples: list[read.Sample], shapes: dict[str, tuple[int, ...]], plan: Plan) -> dict[str, np.ndarray]:
+    """Where the training tiles of images annotated with GeoJSON come from: per image, a coarse map
+    (``coverage_cell`` pixels per cell) of its annotated regions (``io.annotations.coverage_map``)."""
+    from instantdl_ray.io.annotations import coverage_map
+
+    out = {}
+    for s in samples:
+        if isinstance(s.groundtruth, (str, Path)) and is_annotation(Path(s.groundtruth)):
+            shape = shapes[str(s.image)]
+            yx = spatial_shape(shape, read.image_axes(shape, plan.axes))[-2:]
+            out[str(s.image)] = coverage_map(s.groundtruth, yx, coverage_cell(plan))
+    return out
+
+
+def tiles_touching(grid: Sequence[Any], cover: np.ndarray, cell: Sequence[int]) -> list[int]:
+    """Indices of the tiles (``tile.Tile``) of ``grid`` whose read window touches a nonzero cell."""
+    keep = []
+    for k, t in enumerate(grid):
+        idx = tuple(slice(sl.start // c, -(-sl.stop // c)) for sl, c in zip(t.read, cell))
+        if np.any(cover[idx]):
+            keep.append(k)
+    return keep
+
+
+def annotated_tiles(samples: list[read.Sample], shapes: dict[str, tuple[int, ...]], plan: Plan,
+                    annotated: dict[str, np.ndarray]) -> dict[str, list[int]]:
+    """Per annotated image, the tiles of its validation grid (no overlap) that touch its annotated
+    regions (``grid_rows``' ``keep``): a slide is validated where it is annotated, not whole."""
+    from instantdl_ray.data.tile import grid_overlap, tile_grid
+
+    out = {}
+    for s in samples:
+        if str(s.image) in annotated:
+            sp = spatial_shape(shapes[str(s.image)], plan.axes)
+            grid = tile_grid(tuple(sp), tuple(plan.tile_shape), grid_overlap(plan, 0.0))
+            out[str(s.image)] = tiles_touching(grid, annotated[str(s.image)], coverage_cell(plan))
+    return out
 
 
 def _larger_than_tile(spatial: Sequence[int], tile: Sequence[int]) -> bool:
@@ -230,6 +297,7 @@ def training_rows(
     foreground: dict[str, np.ndarray] | None = None,
     foreground_fraction: float = 0.0,
     multiple: int = 1,
+    annotated: dict[str, np.ndarray] | None = None,
 ) -> list[dict]:
     """Spec rows for ``epochs`` (e.g. ``range(3, 50)`` when resuming), shuffled per epoch.
 
@@ -242,32 +310,46 @@ def training_rows(
     reproduces regardless of how Ray batches or orders rows. With ``foreground`` maps
     (``foreground_maps``) and ``foreground_fraction`` > 0, about that fraction of each image's
     tiles is centred on a labelled cell (``tile.random_tile_origins`` with weights), the rest
-    uniform: sparse objects on a large slide are then seen every epoch.
+    uniform: sparse objects on a large slide are then seen every epoch. An image with an
+    ``annotated`` map (``annotated_maps``: GeoJSON groundtruth) has all its tiles centred in its
+    annotated cells, as many per epoch as cover them about once.
     """
     from instantdl_ray.data.tile import random_tile_origins
     from instantdl_ray.tasks import get_task
 
     pixelwise = get_task(plan.task).pixelwise
+    cell_px = int(np.prod(coverage_cell(plan)))
+    tile_px = int(np.prod(plan.tile_shape))
+
+    def origins_of(s: read.Sample, n: int | None, rng: np.random.Generator) -> list[list[int]]:
+        sp = spatial_shape(shapes[str(s.image)], plan.axes)
+        cover = (annotated or {}).get(str(s.image))
+        if cover is not None:  # annotated regions only
+            if n is None:
+                n = tiles or max(1, int(np.ceil(np.count_nonzero(cover) * cell_px / tile_px)))
+            return [list(o) for o in random_tile_origins(sp, plan.tile_shape, n, rng, weights=cover)]
+        if n is None:
+            n = tiles_per_image(sp, plan.tile_shape, tiles) if pixelwise else 1
+        fg = foreground.get(str(s.image)) if foreground and foreground_fraction > 0 else None
+        if fg is not None and _larger_than_tile(sp, plan.tile_shape):
+            k = int(rng.binomial(n, foreground_fraction))
+            origins = [list(o) for o in random_tile_origins(sp, plan.tile_shape, k, rng, weights=fg)]
+            return origins + _origins(sp, plan.tile_shape, n - k, rng)
+        return _origins(sp, plan.tile_shape, n, rng)
+
     rows = []
     for epoch in epochs:
         rng = np.random.default_rng([seed, epoch])
         epoch_rows = []
         for s in samples:
-            sp = spatial_shape(shapes[str(s.image)], plan.axes)
-            n = tiles_per_image(sp, plan.tile_shape, tiles) if pixelwise else 1
-            fg = foreground.get(str(s.image)) if foreground and foreground_fraction > 0 else None
-            if fg is not None and _larger_than_tile(sp, plan.tile_shape):
-                k = int(rng.binomial(n, foreground_fraction))
-                origins = [list(o) for o in random_tile_origins(sp, plan.tile_shape, k, rng, weights=fg)]
-                origins += _origins(sp, plan.tile_shape, n - k, rng)
-            else:
-                origins = _origins(sp, plan.tile_shape, n, rng)
-            epoch_rows += [spec_row(s, origin) for origin in origins]
+            epoch_rows += [spec_row(s, origin) for origin in origins_of(s, None, rng)]
         short = (-len(epoch_rows)) % max(1, int(multiple))
         for k in rng.choice(len(samples), size=short, replace=short > len(samples)) if short else ():
             s = samples[int(k)]
-            sp = spatial_shape(shapes[str(s.image)], plan.axes)
-            epoch_rows.append(spec_row(s, _origins(sp, plan.tile_shape, 1, rng)[0]))
+            if annotated and str(s.image) in annotated:
+                epoch_rows.append(spec_row(s, origins_of(s, 1, rng)[0]))
+            else:
+                epoch_rows.append(spec_row(s, _origins(spatial_shape(shapes[str(s.image)], plan.axes), plan.tile_shape, 1, rng)[0]))
         for j, k in enumerate(rng.permutation(len(epoch_rows))):
             r = dict(epoch_rows[k])
             r["seed"] = int((seed * 7919 + epoch * EPOCH_SEED_STRIDE + j) % (2**63 - 1))

@@ -56,7 +56,8 @@ def _yx_axes(shape: Sequence[int]) -> tuple[int, int]:
     return tuple(sorted(order))  # type: ignore[return-value]
 
 
-def _yx(shape: Sequence[int]) -> tuple[int, int]:
+def yx_shape(shape: Sequence[int]) -> tuple[int, int]:
+    """(Y, X) of an image or level shape (its two longest axes)."""
     a, b = _yx_axes(shape)
     return int(shape[a]), int(shape[b])
 
@@ -191,7 +192,7 @@ def mask_for(path: str | Path, shape: tuple[int, int], setting: str, tile_shape:
     stem = stem or _stem(Path(path))
     thumb = thumbnail(path)
     if setting == "auto":
-        ty, _ = _yx(thumb.shape)
+        ty, _ = yx_shape(thumb.shape)
         mask = detect_tissue(thumb)
         # grown by MARGIN px of the model's grid (at least one thumbnail pixel): the mask of a
         # thumbnail is coarse, and an object at the edge of the tissue must not be cut

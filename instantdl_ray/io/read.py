@@ -455,7 +455,13 @@ def discover(root: str | Path, split: str, task: str) -> tuple[list[Sample], lis
         if need_gt:
             problems.append(f"{gt_dir}: folder missing; put one groundtruth file per image there, same file name")
         return [Sample(_stem(p), p, None) for p in images], problems
-    gts = {p.name: p for p in gt_dir.iterdir() if is_image(p)}
+    from instantdl_ray.io.annotations import is_annotation
+
+    gts = {p.name: p for p in gt_dir.iterdir() if is_image(p) or (is_annotation(p) and task.target_kind == "label")}
+    if task.target_kind != "label":
+        for p in sorted(q for q in gt_dir.iterdir() if is_annotation(q)):
+            problems.append(f"{p}: GeoJSON annotations give label images (SemanticSegmentation, "
+                            f"InstanceSegmentation); {task.display} needs an image as groundtruth")
     gts_by_stem = {_stem(p): p for p in gts.values()}
     used: set[str] = set()
     for p in images:

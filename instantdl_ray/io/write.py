@@ -269,6 +269,16 @@ def atomic_dir(path: str | Path):
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def write_zarr(path: str | Path, array: Any, chunk: int = 2048) -> Path:
+    """A (lazily sliceable) array as a zarr array, read and written block by block through dask;
+    it appears under ``path`` only when complete."""
+    import dask.array as da
+
+    with atomic_dir(path) as tmp:
+        da.from_array(array, chunks=chunk).to_zarr(str(tmp), overwrite=True)
+    return Path(path)
+
+
 OME_ZARR_CHUNK = 512
 
 

@@ -92,11 +92,16 @@ class Semantic(Task):
     error_metric = ("jaccard", "1 - jaccard")
 
     def plan_fields(self, cfg, inv):
-        n = cfg.num_classes or 1
+        from instantdl_ray.config.validate import annotation_num_classes
+
+        n = cfg.num_classes or annotation_num_classes(inv)
+        # GeoJSON annotations name their classes (classes.txt may give the indices)
+        named = {0: "background", **{v: k for k, v in inv.annotation_classes.items()}} if inv.annotation_classes else {}
         return dict(
             out_channels=n,
             num_classes=n,
-            class_names=["background", "foreground"] if n == 1 else [str(i) for i in range(n)],
+            class_names=(["background", named.get(1, "foreground")] if n == 1
+                         else [named.get(i, str(i)) for i in range(n)]),
             loss=(cfg.loss_function or self.default_loss).lower(),
             extra={"binary_values": sorted(inv.label_values)},
         )
