@@ -218,27 +218,6 @@ def tissue_image(shape=(1536, 2048), seed=0) -> np.ndarray:
     return img
 
 
-def geojson_features(label: np.ndarray, name: str | None = "Nucleus", y0: int = 0, x0: int = 0,
-                     object_type: str = "annotation") -> list[dict]:
-    """One QuPath-style GeoJSON feature per object of ``label`` (its outline, holes kept, not
-    simplified), at ``(y0, x0)`` of the image; ``name=None``: unclassified."""
-    from shapely.geometry import mapping
-
-    from instantdl_ray.predict.shapes import outline
-
-    feats = []
-    for i in range(1, int(label.max()) + 1):
-        ys, xs = np.nonzero(label == i)
-        if not ys.size:
-            continue
-        g = outline(label[ys.min():ys.max() + 1, xs.min():xs.max() + 1] == i, y0 + ys.min(), x0 + xs.min(), simplify=0)
-        props = {"objectType": object_type}
-        if name is not None:
-            props["classification"] = {"name": name, "color": [200, 0, 0]}
-        feats.append({"type": "Feature", "geometry": mapping(g), "properties": props})
-    return feats
-
-
 def annotated_slide(src: Path, names: list[str], image: Path, geojson: Path, side: int = 1024, seed: int = 0) -> np.ndarray:
     """An Aperio ``.svs`` of ``side``² dark 'glass' (camera noise) with the DSB images ``names`` of
     ``src`` (``image/``, ``groundtruth/``) pasted 320 px apart, and the QuPath GeoJSON of it: a
@@ -248,6 +227,8 @@ def annotated_slide(src: Path, names: list[str], image: Path, geojson: Path, sid
     from PIL import Image
     from shapely.geometry import box, mapping
     from skimage.measure import label as components
+
+    from instantdl_ray.predict.shapes import label_features
 
     rng = np.random.default_rng(seed)
     slide = np.clip(rng.normal(6, 2, (side, side)), 0, 255).astype(np.uint8)
@@ -262,7 +243,7 @@ def annotated_slide(src: Path, names: list[str], image: Path, geojson: Path, sid
         truth[y:y + h, x:x + w] = m
         feats.append({"type": "Feature", "geometry": mapping(box(x, y, x + w, y + h)),
                       "properties": {"objectType": "annotation", "classification": {"name": "Region*", "color": [0, 0, 180]}}})
-        feats += geojson_features(components(m), "Nucleus", y, x)
+        feats += list(label_features(components(m), "Nucleus", y, x))
     write_aperio_svs(image, np.repeat(slide[..., None], 3, axis=2), mpp=0.5)
     geojson.write_text(json.dumps({"type": "FeatureCollection", "features": feats}))
     return truth

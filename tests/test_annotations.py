@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REPO, annotated_slide, geojson_features, tissue_image, write_aperio_svs
+from conftest import REPO, annotated_slide, tissue_image, write_aperio_svs
 from instantdl_ray.config import schema
 from instantdl_ray.config.plan import channel_stats, image_percentiles, make_plan
 from instantdl_ray.config.validate import validate
@@ -23,6 +23,7 @@ from instantdl_ray.data.dataset import (ReadTiles, annotated_maps, annotated_til
                                         training_rows)
 from instantdl_ray.errors import DataError
 from instantdl_ray.io import annotations, read
+from instantdl_ray.predict.shapes import label_features
 
 EXAMPLE = REPO / "examples" / "dsb2018_small" / "train"
 
@@ -66,7 +67,7 @@ def _rect(x0, y0, x1, y1) -> dict:
 
 def test_polygons_written_from_a_label_rasterise_back_to_it_pixel_for_pixel(tmp_path):
     lab = _label()
-    path = _write(tmp_path / "a.geojson", geojson_features(lab))
+    path = _write(tmp_path / "a.geojson", list(label_features(lab, "Nucleus")))
     classes = annotations.Labels(path, lab.shape, {"Nucleus": 1})
     np.testing.assert_array_equal(classes[:, :], (lab > 0).astype(np.uint16))
     objects = annotations.Labels(path, lab.shape)[:, :]  # one id per polygon
@@ -199,6 +200,22 @@ def test_slides_with_geojson_are_found_validated_and_planned(tmp_path):
         validate(_cfg(root))
     (root / "classes.txt").write_text("0 background\n1 Nucleus\n2 Mitosis\n")
     assert validate(_cfg(root)).annotation_classes == {"Nucleus": 1, "Mitosis": 2}
+
+
+def test_geojson_slides_and_0_255_png_masks_make_one_binary_set(tmp_path):
+    """Bug: a set of annotated slides (class value 1) with 0/255 PNG test masks was refused as
+    'masks hold 3 values [0, 1, 255]; set num_classes: 256'."""
+    import shutil
+
+    root = _slide_set(tmp_path / "d", n_train=2)
+    shutil.rmtree(root / "test")
+    shutil.copytree(EXAMPLE.parent / "test", root / "test")
+    cfg = _cfg(root)
+    plan = make_plan(cfg, validate(cfg))
+    assert plan.num_classes == 1 and plan.class_names == ["background", "Nucleus"]
+    with pytest.raises(DataError, match="GeoJSON annotations name 2 classes"):
+        _slide_set(tmp_path / "e", n_train=2, classes="Mitosis")
+        validate(_cfg(tmp_path / "e", num_classes=1))
 
 
 def test_a_task_without_labels_refuses_geojson_and_a_bad_file_is_named(tmp_path):

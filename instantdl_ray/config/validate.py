@@ -283,7 +283,6 @@ def _annotation_classes(inv: Inventory) -> list[str]:
     if missing:
         return [f"classes.txt: no index for the annotation class(es) {', '.join(repr(n) for n in missing)} of "
                 f"{files[0].parent}; add a line '<index> <name>' for each"]
-    inv.label_values |= {0, *inv.annotation_classes.values()}
     return []
 
 
@@ -359,14 +358,19 @@ def check_label_values(cfg: Config, inv: Inventory) -> list[str]:
                 continue
             values |= set(int(v) for v in u)
             inv.label_max[str(s.groundtruth)] = float(u[-1])
-    inv.label_values = values | inv.label_values
-    values = inv.label_values
+    drawn = set(inv.annotation_classes.values())  # GeoJSON classes (_annotation_classes)
     n = cfg.num_classes or annotation_num_classes(inv)
     if n == 1 and len(values) > 2:
         problems.append(
             f"num_classes: 1 (binary, the default) but the masks hold {len(values)} values {sorted(values)[:10]}; "
             f"set num_classes: {max(values) + 1} for multi-class segmentation"
         )
+    if n == 1 and len(drawn) > 1:
+        problems.append(f"num_classes: 1 (binary) but the GeoJSON annotations name {len(drawn)} classes; remove "
+                        "num_classes to segment each class")
+    # a binary set may mix 0/255 masks with annotations of one class (both are foreground where > 0)
+    values |= drawn | ({0} if drawn else set())
     if n > 1 and values and max(values) >= n:
         problems.append(f"num_classes: {n} but masks contain class {max(values)}; set num_classes: {max(values) + 1}")
+    inv.label_values = values
     return problems

@@ -95,6 +95,29 @@ def instance_features(labels: Any, objects_csv: Path, factor: float, mpp: float 
             yield _feature(geom, "detection", name, _colour(0), meas)
 
 
+def label_features(label: np.ndarray, name: str | None = None, y0: int = 0, x0: int = 0,
+                   object_type: str = "annotation", simplify: float = 0.0) -> Iterator[dict]:
+    """One QuPath feature per object of a label image that sits at ``(y0, x0)`` of a slide: its
+    outline (holes kept; ``simplify`` px, none by default, so QuPath's import rasterises back to
+    the same pixels), ``classification`` ``name`` (None: unclassified). Existing label masks become
+    annotations a pathologist can correct in QuPath, or training groundtruth (``io.annotations``)."""
+    from scipy import ndimage as ndi
+
+    for i, box in enumerate(ndi.find_objects(np.asarray(label)), start=1):
+        if box is None:
+            continue
+        geom = outline(np.asarray(label)[box] == i, y0 + box[0].start, x0 + box[1].start, simplify=simplify)
+        if geom is None or geom.is_empty:
+            continue
+        import geojson
+        from shapely.geometry import mapping
+
+        props: dict = {"objectType": object_type}
+        if name is not None:
+            props["classification"] = {"name": name, "color": _colour(0)}
+        yield geojson.Feature(geometry=mapping(geom), properties=props)
+
+
 def class_features(mask: Any, class_names: list[str], factor: float, mpp: float | None) -> Iterator[dict]:
     """One annotation per connected region of each class > 0 of a semantic mask (``(Y, X)``),
     vectorised ``BLOCK``² px at a time (memory flat in the slide's size); regions cut by a block
