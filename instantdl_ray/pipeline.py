@@ -376,21 +376,22 @@ def decide(cfg: Config, plan: Plan, run_dir: Path, log: Callable) -> dict:
     return decision
 
 
-def annotation_groundtruth(run_dir: Path, plan: Plan, record: dict, log: Callable) -> Any:
-    """The groundtruth of a test record as evaluation reads it: GeoJSON annotations rasterised
-    onto the image's pixels (block by block) as ``evaluation/groundtruth/<name>.zarr``, which
-    napari and Fiji open beside the prediction; any other groundtruth as it is."""
-    from instantdl_ray.data.dataset import annotation_labels
-    from instantdl_ray.io import read
-    from instantdl_ray.io.annotations import is_annotation
+def slide_groundtruth(run_dir: Path, plan: Plan, record: dict, log: Callable) -> Any:
+    """The groundtruth of a test record as evaluation reads it: GeoJSON annotations rasterised onto
+    the image's pixels, or a slide's label stored at a downsample read upsampled, written block by
+    block as ``evaluation/groundtruth/<name>.zarr`` (napari and Fiji open it beside the prediction);
+    any other groundtruth as it is."""
+    from instantdl_ray.data.dataset import slide_label
 
     gt = record["groundtruth"]
-    if isinstance(gt, (list, tuple)) or not is_annotation(Path(gt)):
+    if isinstance(gt, (list, tuple)):
+        return gt
+    labels = slide_label(gt, record["image"], plan)
+    if labels is None:
         return gt
     out = run_dir / "evaluation" / "groundtruth" / f"{record['name']}.zarr"
-    labels = annotation_labels(gt, read.open_array(record["image"]).shape, plan)
     write.write_zarr(out, labels)
-    log(f"{Path(gt).name}: annotations rasterised to {out.relative_to(run_dir)} for evaluation")
+    log(f"{Path(gt).name}: groundtruth on the image's pixels in {out.relative_to(run_dir)} for evaluation")
     return str(out)
 
 
@@ -404,7 +405,7 @@ def evaluate_run(run_dir: Path, cfg: Config, plan: Plan, records: list[dict], lo
         log("evaluation skipped: the test split has no groundtruth")
         return {}
     task = get_task(plan.task)
-    items = [{**r, "groundtruth": annotation_groundtruth(run_dir, plan, r, log)} if task.pixelwise else r for r in items]
+    items = [{**r, "groundtruth": slide_groundtruth(run_dir, plan, r, log)} if task.pixelwise else r for r in items]
     if not task.pixelwise:
         items = [{"name": r["name"], "groundtruth": r["groundtruth"]} for r in items]
     else:

@@ -1,9 +1,10 @@
-"""Training from annotated slides (issue 14, item 5): QuPath GeoJSON as groundtruth.
+"""Training from annotated slides (issue 14, item 5): QuPath GeoJSON or a label image as groundtruth.
 
 GeoJSON is read in the forms QuPath writes, rasterised exactly (a label written as polygons by
 ``predict.shapes.outline`` comes back pixel for pixel), checked before training with messages that
 name the file, mapped to classes in the plan, and tiles are sampled and validated only where the
-annotations are. With Ray: a run trains on ``.svs`` slides annotated with GeoJSON and evaluates
+annotations are. A slide's label image may be stored at an integer downsample; tiles of a slide
+with a label image come from its tissue. With Ray: a run trains on ``.svs`` slides annotated with GeoJSON and evaluates
 against a rasterised GeoJSON.
 """
 
@@ -19,7 +20,7 @@ from conftest import REPO, annotated_slide, tissue_image, write_aperio_svs
 from instantdl_ray.config import schema
 from instantdl_ray.config.plan import channel_stats, image_percentiles, make_plan
 from instantdl_ray.config.validate import validate
-from instantdl_ray.data.dataset import (ReadTiles, annotated_maps, annotated_tiles, coverage_cell, grid_rows,
+from instantdl_ray.data.dataset import (ReadTiles, region_maps, region_tiles, coverage_cell, grid_rows,
                                         training_rows)
 from instantdl_ray.errors import DataError
 from instantdl_ray.io import annotations, read
@@ -235,8 +236,8 @@ def test_training_tiles_come_from_the_annotated_regions_and_read_their_polygons(
     inv = validate(cfg)
     plan = make_plan(cfg, inv)
     train = [s for s in inv.samples["train"] if str(s.image) in plan.train_names]
-    maps = annotated_maps(train, inv.image_shapes, plan)
-    rows = training_rows(train, inv.image_shapes, plan, seed=0, epochs=range(3), annotated=maps)
+    maps = region_maps(train, inv.image_shapes, plan)
+    rows = training_rows(train, inv.image_shapes, plan, seed=0, epochs=range(3), regions=maps)
     regions = {str(s.image): [g.bounds for g in annotations.load(s.groundtruth).regions] for s in train}
     cell = coverage_cell(plan)
     # 4 pasted 256² images = 64 cells of 64² per slide: 4 tiles of 256² cover them once
@@ -270,7 +271,7 @@ def test_validation_reads_only_the_tiles_that_touch_annotations(tmp_path):
     inv = validate(_cfg(root))
     plan = make_plan(_cfg(root), inv)
     samples = inv.samples["train"]
-    keep = annotated_tiles(samples, inv.image_shapes, plan, annotated_maps(samples, inv.image_shapes, plan))
+    keep = region_tiles(samples, inv.image_shapes, plan, region_maps(samples, inv.image_shapes, plan))
     # Region* rectangles at (0, 0), (0, 320), (0, 640), (320, 0), 256² each, on a 4 x 4 grid of 256² tiles
     assert keep == {str(s.image): [0, 1, 2, 3, 4, 8] for s in samples}
     rows = grid_rows(samples, inv.image_shapes, plan, 0.0, keep=keep)
@@ -337,3 +338,89 @@ def test_a_run_trains_on_annotated_slides_and_evaluates_against_geojson(ray_sess
 def _truth_test(root: Path) -> np.ndarray:
     names = sorted(p.name for p in (EXAMPLE / "image").iterdir())
     return annotated_slide(EXAMPLE, names[12:16], root / "y.svs", root / "y.geojson", side=768, seed=0)
+
+
+# ---------------------------------------------------------------- slides with a label image
+
+
+def _labelled_slide(root: Path, factor: int, shape=(1024, 1536)) -> tuple[Path, np.ndarray]:
+    """An Aperio slide (``tissue_image``) whose nuclei are labelled in a TIFF at 1/``factor``."""
+    import tifffile
+
+    img = tissue_image(shape)
+    full = (img[..., 0] < 120).astype(np.uint8)  # the dark nuclei
+    small = full[::factor, ::factor]
+    for split in ("train", "test"):
+        for sub in ("image", "groundtruth"):
+            (root / split / sub).mkdir(parents=True, exist_ok=True)
+        write_aperio_svs(root / split / "image" / "s.svs", img, mpp=0.5)
+        tifffile.imwrite(root / split / "groundtruth" / "s.tif", small)
+    return root, np.repeat(np.repeat(small, factor, 0), factor, 1)[:shape[0], :shape[1]]
+
+
+def test_a_label_at_a_downsample_of_the_slide_is_read_upsampled(tmp_path):
+    from instantdl_ray.io.slide import Upsampled
+
+    root, full = _labelled_slide(tmp_path / "d", 4)
+    cfg = _cfg(root)
+    inv = validate(cfg)
+    path = str(root / "train" / "image" / "s.svs")
+    assert inv.label_downsample == {path: 4, str(root / "test" / "image" / "s.svs"): 4}
+    assert any("a label at 1/4 of s.svs" in w for w in inv.warnings)
+    plan = make_plan(cfg, inv)
+    rows = [{"image": path, "target": str(root / "train" / "groundtruth" / "s.tif"), "origin": o}
+            for o in ([300, 400], [900, 1400], [0, 0])]  # the last reaches past the slide: reflected
+    batch = ReadTiles(plan)({k: np.array([r[k] for r in rows]) for k in ("image", "target", "origin")})
+    for r, t in zip(rows, batch["target"]):
+        np.testing.assert_array_equal(t[0], read_crop(full, *r["origin"], plan.tile_shape))
+    small = np.arange(12).reshape(3, 4)
+    np.testing.assert_array_equal(Upsampled(small, 2, (5, 7))[1:4, 2:7], np.repeat(np.repeat(small, 2, 0), 2, 1)[1:4, 2:7])
+
+
+def test_a_label_of_another_size_is_refused_with_the_downsample_rule(tmp_path):
+    import tifffile
+
+    root, _ = _labelled_slide(tmp_path / "d", 4)
+    tifffile.imwrite(root / "train" / "groundtruth" / "s.tif", np.zeros((300, 500), np.uint8))  # 1/3.4, 1/3.1
+    with pytest.raises(DataError, match=r"s.tif: groundtruth shape \(300, 500\) does not match .* integer downsample"):
+        validate(_cfg(root))
+
+
+def test_tiles_of_a_slide_with_a_label_image_come_from_its_tissue(tmp_path):
+    from instantdl_ray.data.dataset import region_maps, spatial_shape
+    from instantdl_ray.data.tissue import mask_for
+
+    root, _ = _labelled_slide(tmp_path / "d", 1)
+    cfg = _cfg(root)
+    inv = validate(cfg)
+    plan = make_plan(cfg, inv)
+    train = inv.samples["train"]
+    path = str(train[0].image)
+    maps = region_maps(train, inv.image_shapes, plan, "auto")
+    assert region_maps(train, inv.image_shapes, plan, "none") == {}
+    tissue = mask_for(path, (1024, 1536), "auto", plan.tile_shape)
+    np.testing.assert_array_equal(maps[path], tissue.coverage(coverage_cell(plan)))
+    assert 0.2 < maps[path].mean() < 0.6  # two patches of H&E on glass (with their margin)
+    rows = training_rows(train, inv.image_shapes, plan, seed=0, epochs=range(2), regions=maps)
+    cell = coverage_cell(plan)
+    for r in rows:  # each tile is centred in a cell with tissue
+        cy, cx = (o + t // 2 for o, t in zip(r["origin"], plan.tile_shape))
+        assert maps[path][min(cy // cell[0], maps[path].shape[0] - 1), min(cx // cell[1], maps[path].shape[1] - 1)] \
+            or any(maps[path][max(0, cy // cell[0] - 1):cy // cell[0] + 2, max(0, cx // cell[1] - 1):cx // cell[1] + 2].ravel())
+    n_cells = int(np.count_nonzero(maps[path]))
+    assert len(rows) == 2 * int(np.ceil(n_cells * np.prod(cell) / np.prod(plan.tile_shape)))
+    assert len(rows) < 2 * int(np.prod([np.ceil(s / t) for s, t in zip(spatial_shape(inv.image_shapes[path], plan.axes), plan.tile_shape)]))
+
+
+def test_evaluation_reads_a_slide_label_on_the_slide_pixels(tmp_path):
+    from instantdl_ray import pipeline
+
+    root, full = _labelled_slide(tmp_path / "d", 4)
+    cfg = _cfg(root)
+    plan = make_plan(cfg, validate(cfg))
+    record = {"name": "s", "image": str(root / "test" / "image" / "s.svs"),
+              "groundtruth": str(root / "test" / "groundtruth" / "s.tif")}
+    out = pipeline.slide_groundtruth(tmp_path / "run", plan, record, log=lambda m: None)
+    np.testing.assert_array_equal(np.asarray(read.open_array(out)[...]), full)
+    plain = {"name": "p", "image": "x.png", "groundtruth": "x.png"}
+    assert pipeline.slide_groundtruth(tmp_path / "run", plan, plain, log=lambda m: None) == "x.png"

@@ -119,6 +119,15 @@ def test_instances_from_binary_layout(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp folder left
 
 
+def test_instances_from_binary_refuses_geojson_which_holds_objects_already(tmp_path):
+    src = tmp_path / "sem"
+    save_png(src / "train" / "image" / "a.png", np.zeros((64, 96), np.uint8))
+    (src / "train" / "groundtruth").mkdir(parents=True)
+    (src / "train" / "groundtruth" / "a.geojson").write_text('{"type": "FeatureCollection", "features": []}')
+    with pytest.raises(ValueError, match="a.geojson: GeoJSON polygons are objects already; train InstanceSegmentation"):
+        convert.instances_from_binary(src, tmp_path / "inst", progress=quiet)
+
+
 def test_instances_from_binary_without_watershed_and_01_tiff_masks(tmp_path):
     src = tmp_path / "sem"
     save_png(src / "train" / "image" / "a.png", np.zeros((64, 96), np.uint8))

@@ -219,7 +219,8 @@ def required_overlap(extent: list[int]) -> list[int]:
     return [int(np.ceil(OVERLAP_SLACK * int(e))) + 1 for e in extent]
 
 
-def object_extents(samples: list, target_axes: str | None, max_images: int = OBJECT_IMAGES) -> list[int] | None:
+def object_extents(samples: list, target_axes: str | None, max_images: int = OBJECT_IMAGES,
+                   downsample: dict[str, int] | None = None) -> list[int] | None:
     """``OBJECT_PERCENTILE`` percentile over the objects of the samples' label groundtruth of the
     bounding-box extent per spatial axis, in pixels; None when there are no objects.
 
@@ -235,7 +236,8 @@ def object_extents(samples: list, target_axes: str | None, max_images: int = OBJ
     picks = sorted({int(k) for k in np.linspace(0, len(with_gt) - 1, min(max_images, len(with_gt))).round()})
     ext: list[list[int]] = []
     for k in picks:
-        ext += _sample_object_extents(with_gt[k], target_axes, seed=k)
+        d = (downsample or {}).get(str(with_gt[k].image), 1)  # a slide's label at 1/d: extents in slide px
+        ext += [[e * d for e in box] for box in _sample_object_extents(with_gt[k], target_axes, seed=k)]
     if not ext:
         return None
     return [int(np.ceil(v)) for v in np.percentile(np.asarray(ext, np.float64), OBJECT_PERCENTILE, axis=0)]
@@ -383,6 +385,8 @@ def make_plan(cfg, inv) -> Plan:
                        for s in samples}
     if inv.annotation_classes:
         plan.extra["annotation_classes"] = dict(inv.annotation_classes)
+    if inv.label_downsample:
+        plan.extra["label_downsample"] = dict(inv.label_downsample)
     if plan.extra["augment"].get("threshold_background_groundtruth") and target_axes:
         from instantdl_ray.io.annotations import is_annotation
 
@@ -401,7 +405,7 @@ def make_plan(cfg, inv) -> Plan:
         else:  # predict-only: statistics come from the trained run's plan
             plan.target_mean, plan.target_std = [0.0], [1.0]
     if task.whole_objects(plan):
-        extent = object_extents(inv.samples.get("train", []), target_axes)
+        extent = object_extents(inv.samples.get("train", []), target_axes, downsample=inv.label_downsample)
         if extent is not None:
             plan.extra["object_extent"] = extent
             plan.extra["min_overlap"] = required_overlap(extent)

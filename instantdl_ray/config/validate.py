@@ -32,6 +32,7 @@ class Inventory:
     label_max: dict[str, float] = field(default_factory=dict)  # groundtruth path -> largest value
     warnings: list[str] = field(default_factory=list)  # fine to train with, but the user should know
     annotation_classes: dict[str, int] = field(default_factory=dict)  # GeoJSON class name -> label value
+    label_downsample: dict[str, int] = field(default_factory=dict)  # slide path -> factor of its label image
 
 
 def _shape(path: Path) -> tuple[int, ...]:
@@ -236,9 +237,18 @@ def validate(cfg: Config) -> Inventory:
         except ValueError:
             tsp = tuple(tshape)
         if tsp != sp:
+            from instantdl_ray.io.slide import is_pyramid, label_downsample
+
+            d = label_downsample(sp, tsp) if task.target_kind == "label" and is_pyramid(s.image) else None
+            if d is not None:  # a slide's label stored at a downsample: read upsampled (nearest)
+                inv.label_downsample[str(s.image)] = d
+                inv.warnings.append(f"{s.groundtruth}: a label at 1/{d} of {s.image.name} ({tsp} vs {sp} px); "
+                                    f"read {d}x upsampled (nearest) on the slide's pixels")
+                continue
             problems.append(
                 f"{s.groundtruth}: groundtruth shape {tshape} does not match image {s.image.name} spatial shape {sp}; "
-                "image and groundtruth must cover the same pixels"
+                "image and groundtruth must cover the same pixels (a whole slide's label may also be stored at an "
+                "integer downsample of its full resolution)"
             )
     if len(n_channels - {1}) > 1 or (len(n_channels) > 1 and not inv.axes.endswith("C")):
         problems.append(f"images have different channel counts {sorted(n_channels)}; all images need the same channels")

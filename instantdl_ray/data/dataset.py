@@ -51,6 +51,24 @@ def _annotation_labels(path: str, shape: tuple[int, ...], classes_json: str) -> 
     return Labels(path, shape, json.loads(classes_json) if classes_json else None)
 
 
+@lru_cache(maxsize=16)
+def _upsampled(target: str, factor: int, image: str, axes: str) -> Any:
+    from instantdl_ray.io.slide import Upsampled
+
+    shape = _open(image).shape
+    return Upsampled(_open(target), factor, spatial_shape(shape, read.image_axes(shape, axes))[-2:])
+
+
+def slide_label(target: str | Path, image: str | Path, plan: Plan) -> Any | None:
+    """The groundtruth of ``image`` on its own pixels when it is not stored that way: GeoJSON
+    rasterised (``annotation_labels``) or a label at a downsample of the slide read upsampled
+    (``io.slide.Upsampled``); None for a label image stored pixel for pixel."""
+    if is_annotation(Path(target)):
+        return annotation_labels(target, _open(str(image)).shape, plan)
+    d = plan.extra.get("label_downsample", {}).get(str(image))
+    return _upsampled(str(target), int(d), str(image), plan.axes) if d else None
+
+
 def annotation_labels(target: str | Path, image_shape: Sequence[int], plan: Plan) -> Any:
     """The lazy label image of a GeoJSON groundtruth on an image of ``image_shape`` (as stored):
     class values (``plan.extra["annotation_classes"]``) or, for a task that labels instances, one
@@ -143,8 +161,8 @@ class ReadTiles:
         if target.startswith("["):
             lab = _instance_label(target)
             t = read_window(lab, "YX", origin, p.tile_shape)
-        elif is_annotation(Path(target)):  # QuPath GeoJSON, rasterised for this tile only
-            t = read_window(annotation_labels(target, _open(image).shape, p), "YX", origin, p.tile_shape)
+        elif image and (lab := slide_label(target, image, p)) is not None:  # GeoJSON; a label at 1/d of a slide
+            t = read_window(lab, "YX", origin, p.tile_shape)
         else:
             t = read_window(_open(target), p.target_axes, origin, p.tile_shape)
         t = clean_target(t, self.target_params, self.target_threshold.get(image) if image else None)
@@ -216,7 +234,7 @@ def foreground_maps(samples: list[read.Sample], shapes: dict[str, tuple[int, ...
     cell = coverage_cell(plan)
     return {str(s.image): foreground_map(s.groundtruth, plan.target_axes or "YX", cell) for s in samples
             if s.groundtruth is not None and not isinstance(s.groundtruth, int)
-            and not (isinstance(s.groundtruth, Path) and is_annotation(s.groundtruth))  # annotated_maps
+            and not (isinstance(s.groundtruth, Path) and is_annotation(s.groundtruth))  # region_maps
             and _larger_than_tile(spatial_shape(shapes[str(s.image)], plan.axes), plan.tile_shape)}
 
 
@@ -225,17 +243,30 @@ def coverage_cell(plan: Plan) -> list[int]:
     return [max(1, t // 4) for t in plan.tile_shape]
 
 
-def annotated_maps(samples: list[read.Sample], shapes: dict[str, tuple[int, ...]], plan: Plan) -> dict[str, np.ndarray]:
-    """Where the training tiles of images annotated with GeoJSON come from: per image, a coarse map
-    (``coverage_cell`` pixels per cell) of its annotated regions (``io.annotations.coverage_map``)."""
+def region_maps(samples: list[read.Sample], shapes: dict[str, tuple[int, ...]], plan: Plan,
+                tissue_setting: str = "none") -> dict[str, np.ndarray]:
+    """Where the training tiles of a slide come from, per image a coarse map (``coverage_cell``
+    pixels per cell): the annotated regions of a GeoJSON groundtruth (``io.annotations.coverage_map``);
+    the tissue of a whole slide with a label image (``tissue_setting``, as ``data.tissue.mask_for``),
+    so epochs are not spent on glass. Other images have none (tiles anywhere)."""
     from instantdl_ray.io.annotations import coverage_map
+    from instantdl_ray.io.slide import is_pyramid
 
     out = {}
+    cell = coverage_cell(plan)
     for s in samples:
-        if isinstance(s.groundtruth, (str, Path)) and is_annotation(Path(s.groundtruth)):
-            shape = shapes[str(s.image)]
-            yx = spatial_shape(shape, read.image_axes(shape, plan.axes))[-2:]
-            out[str(s.image)] = coverage_map(s.groundtruth, yx, coverage_cell(plan))
+        if not isinstance(s.groundtruth, (str, Path)):
+            continue
+        shape = shapes[str(s.image)]
+        yx = spatial_shape(shape, read.image_axes(shape, plan.axes))[-2:]
+        if is_annotation(Path(s.groundtruth)):
+            out[str(s.image)] = coverage_map(s.groundtruth, yx, cell)
+        elif tissue_setting != "none" and len(yx) == 2 and is_pyramid(s.image):
+            from instantdl_ray.data.tissue import mask_for
+
+            mask = mask_for(s.image, tuple(yx), tissue_setting, plan.tile_shape)
+            if mask is not None and mask.fraction > 0:
+                out[str(s.image)] = mask.coverage(cell)
     return out
 
 
@@ -249,18 +280,18 @@ def tiles_touching(grid: Sequence[Any], cover: np.ndarray, cell: Sequence[int]) 
     return keep
 
 
-def annotated_tiles(samples: list[read.Sample], shapes: dict[str, tuple[int, ...]], plan: Plan,
-                    annotated: dict[str, np.ndarray]) -> dict[str, list[int]]:
-    """Per annotated image, the tiles of its validation grid (no overlap) that touch its annotated
-    regions (``grid_rows``' ``keep``): a slide is validated where it is annotated, not whole."""
+def region_tiles(samples: list[read.Sample], shapes: dict[str, tuple[int, ...]], plan: Plan,
+                 regions: dict[str, np.ndarray]) -> dict[str, list[int]]:
+    """Per image with a ``region_maps`` map, the tiles of its validation grid (no overlap) that touch
+    it (``grid_rows``' ``keep``): a slide is validated where it is annotated / has tissue, not whole."""
     from instantdl_ray.data.tile import grid_overlap, tile_grid
 
     out = {}
     for s in samples:
-        if str(s.image) in annotated:
+        if str(s.image) in regions:
             sp = spatial_shape(shapes[str(s.image)], plan.axes)
             grid = tile_grid(tuple(sp), tuple(plan.tile_shape), grid_overlap(plan, 0.0))
-            out[str(s.image)] = tiles_touching(grid, annotated[str(s.image)], coverage_cell(plan))
+            out[str(s.image)] = tiles_touching(grid, regions[str(s.image)], coverage_cell(plan))
     return out
 
 
@@ -297,7 +328,7 @@ def training_rows(
     foreground: dict[str, np.ndarray] | None = None,
     foreground_fraction: float = 0.0,
     multiple: int = 1,
-    annotated: dict[str, np.ndarray] | None = None,
+    regions: dict[str, np.ndarray] | None = None,
 ) -> list[dict]:
     """Spec rows for ``epochs`` (e.g. ``range(3, 50)`` when resuming), shuffled per epoch.
 
@@ -310,9 +341,9 @@ def training_rows(
     reproduces regardless of how Ray batches or orders rows. With ``foreground`` maps
     (``foreground_maps``) and ``foreground_fraction`` > 0, about that fraction of each image's
     tiles is centred on a labelled cell (``tile.random_tile_origins`` with weights), the rest
-    uniform: sparse objects on a large slide are then seen every epoch. An image with an
-    ``annotated`` map (``annotated_maps``: GeoJSON groundtruth) has all its tiles centred in its
-    annotated cells, as many per epoch as cover them about once.
+    uniform: sparse objects on a large slide are then seen every epoch. An image with a
+    ``regions`` map (``region_maps``: a GeoJSON's annotated regions, a slide's tissue) has all its
+    tiles centred in its cells, as many per epoch as cover them about once.
     """
     from instantdl_ray.data.tile import random_tile_origins
     from instantdl_ray.tasks import get_task
@@ -323,8 +354,8 @@ def training_rows(
 
     def origins_of(s: read.Sample, n: int | None, rng: np.random.Generator) -> list[list[int]]:
         sp = spatial_shape(shapes[str(s.image)], plan.axes)
-        cover = (annotated or {}).get(str(s.image))
-        if cover is not None:  # annotated regions only
+        cover = (regions or {}).get(str(s.image))
+        if cover is not None:  # annotated regions / tissue only
             if n is None:
                 n = tiles or max(1, int(np.ceil(np.count_nonzero(cover) * cell_px / tile_px)))
             return [list(o) for o in random_tile_origins(sp, plan.tile_shape, n, rng, weights=cover)]
@@ -346,7 +377,7 @@ def training_rows(
         short = (-len(epoch_rows)) % max(1, int(multiple))
         for k in rng.choice(len(samples), size=short, replace=short > len(samples)) if short else ():
             s = samples[int(k)]
-            if annotated and str(s.image) in annotated:
+            if regions and str(s.image) in regions:
                 epoch_rows.append(spec_row(s, origins_of(s, 1, rng)[0]))
             else:
                 epoch_rows.append(spec_row(s, _origins(spatial_shape(shapes[str(s.image)], plan.axes), plan.tile_shape, 1, rng)[0]))

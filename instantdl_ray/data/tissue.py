@@ -141,6 +141,21 @@ class TissueMask:
         c0, c1 = int(xs.start * mx // self.shape[1]), int(-(-xs.stop * mx // self.shape[1]))
         return bool(self.mask[r0:max(r1, r0 + 1), c0:max(c1, c0 + 1)].any())
 
+    def coverage(self, cell: Sequence[int]) -> np.ndarray:
+        """A coarse map of the grid ``shape`` in cells of ``cell`` px: 1 where a cell touches tissue
+        (each mask pixel it overlaps counted whole, as ``touches``), for sampling training tiles."""
+        my, mx = self.mask.shape
+        bounds = []
+        for n, c, m in ((self.shape[0], int(cell[0]), my), (self.shape[1], int(cell[1]), mx)):
+            k = np.arange(-(-n // c))
+            lo = (k * c * m) // n
+            hi = np.maximum(-(-np.minimum((k + 1) * c, n) * m // n), lo + 1)
+            bounds.append((lo, np.minimum(hi, m)))
+        (r0, r1), (c0, c1) = bounds
+        s = np.pad(self.mask.astype(np.int64).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+        total = s[np.ix_(r1, c1)] - s[np.ix_(r0, c1)] - s[np.ix_(r1, c0)] + s[np.ix_(r0, c0)]
+        return (total > 0).astype(np.float32)
+
     def tiles(self, tiles: Sequence[Any]) -> list[int]:
         """Indices of the prediction tiles (``tile.Tile``) whose read window touches tissue."""
         return [k for k, t in enumerate(tiles) if self.touches(t.read)]

@@ -29,6 +29,7 @@ from typing import Any, Union
 import numpy as np
 
 from instantdl_ray.io import read, write
+from instantdl_ray.io.annotations import is_annotation
 
 Progress = Callable[[int, int], None]  # progress(done, total)
 Chunks = Union[int, Sequence[Union[int, None]]]
@@ -185,6 +186,9 @@ def instances_from_binary(src: Path, dst: Path, *, watershed: bool = False, min_
         problems += [p for p in probs if "unsupported type" not in p]
         by_stem: dict[str, Path] = {}
         for s in samples:
+            if isinstance(s.groundtruth, Path) and is_annotation(s.groundtruth):
+                problems.append(f"{s.groundtruth}: GeoJSON polygons are objects already; train "
+                                "InstanceSegmentation on it as it is (each polygon is one object)")
             if s.stem in by_stem:
                 problems.append(f"{s.image} and {by_stem[s.stem]} would share the groundtruth {s.stem}.tif; rename one")
             by_stem[s.stem] = s.image

@@ -17,7 +17,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -363,3 +363,52 @@ def open_view(path: str | Path, view: View | dict | None, axes: str) -> Any:
     if view.scale == 1.0:
         return arr
     return Resampled(arr, view.scale, image_axes(arr.shape, axes))
+
+
+def label_downsample(image_yx: Sequence[int], label_yx: Sequence[int]) -> int | None:
+    """The integer factor ``d`` >= 2 by which a label image of ``label_yx`` pixels is a downsample
+    of a slide of ``image_yx`` (each axis ``ceil`` or ``floor`` of slide / d, as pyramid levels
+    round), or None when there is none."""
+    if len(image_yx) != 2 or len(label_yx) != 2 or min(label_yx) < 1:
+        return None
+    d = int(round(image_yx[1] / label_yx[1]))
+    if d < 2 or any(not (n // d <= m <= -(-n // d)) for n, m in zip(image_yx, label_yx)):
+        return None
+    return d
+
+
+class Upsampled:
+    """A label image stored at ``1/factor`` of a slide, read on the slide's level-0 grid of
+    ``shape`` (``(Y, X)``) by nearest neighbour: label pixel ``j`` covers slide pixels
+    ``[j * factor, (j + 1) * factor)``. Lazy: a window reads only the label pixels under it."""
+
+    def __init__(self, arr: Any, factor: int, shape: Sequence[int]):
+        self.arr, self.factor = arr, int(factor)
+        self.shape = (int(shape[0]), int(shape[1]))
+        self.ndim, self.dtype = 2, np.dtype(arr.dtype)
+
+    def __getitem__(self, idx: Any) -> np.ndarray:
+        idx = idx if isinstance(idx, tuple) else (idx,)
+        if any(i is Ellipsis for i in idx):
+            k = idx.index(Ellipsis)
+            idx = idx[:k] + (slice(None),) * (3 - len(idx)) + idx[k + 1:]
+        idx = tuple(idx) + (slice(None),) * (2 - len(idx))
+        squeeze = tuple(0 if not isinstance(i, slice) else slice(None) for i in idx)
+        idx = tuple(i if isinstance(i, slice) else slice(int(i) % n, int(i) % n + 1) for i, n in zip(idx, self.shape))
+        return self._window(idx)[squeeze]
+
+    def _window(self, idx: tuple) -> np.ndarray:
+        rows, cols = (np.arange(*s.indices(n)) for s, n in zip(idx, self.shape))
+        if not rows.size or not cols.size:
+            return np.zeros((rows.size, cols.size), self.dtype)
+        src_r, src_c = rows // self.factor, cols // self.factor
+        r0, c0 = int(src_r.min()), int(src_c.min())
+        block = np.asarray(self.arr[r0:int(src_r.max()) + 1, c0:int(src_c.max()) + 1])
+        block = block.reshape(block.shape[:2]) if block.ndim > 2 and block.size == block.shape[0] * block.shape[1] else block
+        block = np.pad(block, ((0, max(0, int(src_r.max()) + 1 - r0 - block.shape[0])),
+                               (0, max(0, int(src_c.max()) + 1 - c0 - block.shape[1]))), mode="edge")
+        return block[np.ix_(src_r - r0, src_c - c0)]
+
+    def __array__(self, dtype=None, copy=None):
+        out = self[:, :]
+        return out if dtype is None else out.astype(dtype)

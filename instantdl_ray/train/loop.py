@@ -484,7 +484,7 @@ def fit(cfg, plan: Plan, inv, run_dir: Path, resources, augment_params, resume: 
 
     import torch
 
-    from instantdl_ray.data.dataset import (annotated_maps, annotated_tiles, coverage_cell, grid_rows, ray_dataset,
+    from instantdl_ray.data.dataset import (region_maps, region_tiles, coverage_cell, grid_rows, ray_dataset,
                                             training_rows)
 
     storage: str | Path
@@ -520,20 +520,24 @@ def fit(cfg, plan: Plan, inv, run_dir: Path, resources, augment_params, resume: 
         fg = foreground_maps(train_samples, inv.image_shapes, plan)
         log(f"foreground maps of {len(fg)} label images in {time.time() - t:.1f} s: "
             f"{cfg.foreground_sampling:.0%} of the training tiles centred on labelled pixels")
-    annotated = annotated_maps(train_samples + val_samples, inv.image_shapes, plan)  # GeoJSON groundtruth
-    if annotated:
-        log(f"{len(annotated)} image(s) annotated with GeoJSON: tiles come from the annotated regions "
-            f"({sum(int(np.count_nonzero(m)) for m in annotated.values())} cells of {coverage_cell(plan)} px)")
+    # GeoJSON groundtruth: its annotated regions; a whole slide with a label image: its tissue
+    regions = region_maps(train_samples + val_samples, inv.image_shapes, plan, cfg.tissue_mask)
+    if regions:
+        from instantdl_ray.io.annotations import is_annotation
+
+        n_ann = sum(1 for s in train_samples + val_samples if isinstance(s.groundtruth, Path) and is_annotation(s.groundtruth))
+        log(f"tiles of {len(regions)} slide(s) come from their annotated regions ({n_ann} annotated with GeoJSON) "
+            f"or their tissue: {sum(int(np.count_nonzero(m)) for m in regions.values())} cells of {coverage_cell(plan)} px")
     rows = training_rows(train_samples, inv.image_shapes, plan, cfg.seed, range(start_epoch, epochs), cfg.tiles_per_image,
                          foreground=fg, foreground_fraction=cfg.foreground_sampling,
                          multiple=cfg.batchsize * resources.num_workers,  # full batches on every worker
-                         annotated=annotated)
+                         regions=regions)
     rows_per_epoch = len(rows) // max(1, epochs - start_epoch)
     datasets = {"train": ray_dataset(rows, plan, augment_params)}
     # validation is split here, not by Ray Train's equal split (which drops rows so that every
     # rank gets as many): each rank validates its own dataset, every tile exactly once
     val_shards = split_rows(grid_rows(val_samples, inv.image_shapes, plan, 0.0,
-                                      keep=annotated_tiles(val_samples, inv.image_shapes, plan, annotated)),
+                                      keep=region_tiles(val_samples, inv.image_shapes, plan, regions)),
                             resources.num_workers)
     for name, part in val_shards.items():
         datasets[name] = ray_dataset(part, plan)
