@@ -255,11 +255,13 @@ def _stages(cfg: Config, inv: Inventory, run_dir: Path, log: RunLog, address, re
 
     t = time.time()
     progress["stage"] = "predict"
+    from instantdl_ray.predict.inputs import run_test_slides
     from instantdl_ray.predict.pool import finish_records, predict
 
+    masks = run_test_slides(test, inv.image_shapes, plan, cfg.tissue_mask, run_dir, log)  # whole slides: tissue only
     # a resumed run keeps the images an interrupted prediction finished; --force predicts all again
     records = predict(cfg, plan, test, inv.image_shapes, model_path, run_dir, resources, log=log,
-                      reuse=bool(resume) and not force)
+                      reuse=bool(resume) and not force, masks=masks)
     finish_records(run_dir / "predictions", records)
     log.stage("predict", t)
     log(f"predictions: {run_dir / 'predictions'}")

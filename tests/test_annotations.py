@@ -332,7 +332,12 @@ def test_a_run_trains_on_annotated_slides_and_evaluates_against_geojson(ray_sess
     np.testing.assert_array_equal(np.asarray(open_array(gt)[...]), _truth_test(root))
     results = json.loads((run / "evaluation" / "results.json").read_text())
     assert 0 <= results["summary"]["jaccard"] <= 1
-    assert (run / "predictions").is_dir() and "annotated with GeoJSON" in log + (run / "logs" / "train.log").read_text()
+    assert "annotated with GeoJSON" in log + (run / "logs" / "train.log").read_text()
+    # the test slide was predicted where it has tissue and got the slide outputs, which read back
+    assert (run / "tissue" / "test0.png").exists() and "test0: tissue covers" in log
+    assert (run / "predictions" / "test0.ome.zarr").is_dir()
+    back = annotations.load(run / "predictions" / "test0.geojson")  # our own output is valid training input
+    assert len(back.shapes) == len(back.classes) and set(back.classes) <= {"Nucleus"}
 
 
 def _truth_test(root: Path) -> np.ndarray:

@@ -113,12 +113,23 @@ def test_detect_tissue_finds_the_known_tissue_of_a_colour_slide_and_none_on_glas
     assert not detect_tissue(np.clip(rng.normal(10, 2, (384, 512)), 0, 255)).any()  # grey noise only
 
 
+@pytest.mark.parametrize("stored_as_rgb", [False, True])
 @pytest.mark.parametrize("dark_background", [True, False])
-def test_detect_tissue_on_one_channel_finds_the_side_the_tissue_lies_on(dark_background):
+def test_detect_tissue_on_one_channel_finds_the_side_the_tissue_lies_on(dark_background, stored_as_rgb):
+    """Bug (``stored_as_rgb``): a grey scan saved with three equal channels has no saturation, so
+    no tissue was found and the whole slide, glass and all, was predicted."""
     img, truth = _grey_slide((512, 512), ((50, 60, 100, 150), (300, 300, 120, 100)))
     img = img if dark_background else 255 - img  # fluorescence vs grey bright-field
-    m = detect_tissue(img)
+    m = detect_tissue(np.repeat(img[..., None], 3, axis=2) if stored_as_rgb else img)
     assert (m & truth).sum() / (m | truth).sum() > 0.95
+
+
+def test_a_grey_slide_in_an_rgb_svs_has_its_tissue_found(tmp_path):
+    img, truth = _grey_slide((1024, 1024), ((100, 200, 256, 256), (600, 500, 300, 256)))
+    path = write_aperio_svs(tmp_path / "grey.svs", np.repeat(img[..., None], 3, axis=2), mpp=0.5)
+    m = mask_for(path, (1024, 1024), "auto", (256, 256))
+    region = m.region((slice(0, 1024), slice(0, 1024)))
+    assert region[truth].mean() > 0.99 and region[~truth].mean() < 0.1  # the tissue (and a 32 px margin)
 
 
 def test_tissue_mask_selects_the_tiles_that_touch_tissue_and_maps_blocks():
@@ -577,3 +588,133 @@ def test_predict_a_folder_with_an_svs_and_an_ome_tiff_only_where_there_is_tissue
     n_tiles = len(tile_grid((1024, 1536), (256, 256), (64, 64)))
     counts = [int(ln.split(": ")[1].split(" of ")[0]) for ln in log.splitlines() if "tiles touch tissue" in ln]
     assert len(counts) == 2 and all(c < n_tiles for c in counts)
+
+
+# ---------------------------------------------------------------- classification on a slide: a tile map
+
+
+def _classifier_plan(mpp=0.5) -> Plan:
+    return Plan(task="classification", spatial_dims=2, axes="YXC", target_axes=None, in_channels=3, out_channels=2,
+                num_classes=2, class_names=["glass", "tissue"], tile_shape=[64, 64], image_size=[64, 64],
+                model="resnet18", loss="categorical_crossentropy", dropout=0.2, mpp=mpp,
+                extra={"patch_shape": [128, 128]})
+
+
+def test_a_tile_map_writes_the_patch_table_the_ome_zarr_map_and_the_slide_summary(tmp_path):
+    import csv
+
+    from instantdl_ray.data.dataset import patch_grid
+    from instantdl_ray.predict.tilemap import TileMap, write_tile_map
+
+    plan = _classifier_plan()
+    grid = patch_grid(plan, (300, 520, 3))  # 3 x 5 patches of 128² (the last row and column shifted inside)
+    active = [0, 1, 6, 7, 14]
+    tm = TileMap(grid, active, 2)
+    for k in active:
+        p = 0.9 if k in (6, 7) else 0.2  # two 'tissue' patches
+        assert tm.add(k, {"prob": np.array([1 - p, p]), "uncertainty": np.float32(0.1 * k)}) == (k == active[-1])
+    s = read.Sample("he", Path("he.svs"), 1)
+    rec = write_tile_map(s, tm, plan, tmp_path, {"factor": 2.0, "mpp": 0.5})
+    assert rec["name"] == "he" and rec["tiles"] == 5 and rec["class_tiles"] == {"glass": 3, "tissue": 2}
+    np.testing.assert_allclose(rec["prob"], [0.52, 0.48], atol=1e-6)  # the mean over the classified patches
+    assert rec["prediction"] == 0 and rec["groundtruth"] == 1 and abs(rec["uncertainty"] - 0.56) < 1e-6
+    with open(rec["tile_table"], newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["tile"]) for r in rows] == active
+    r7 = rows[3]  # grid tile 7: row 1, col 2 -> level-0 box at twice the model grid's pixels
+    assert (int(r7["row"]), int(r7["col"]), int(r7["x"]), int(r7["y"]), int(r7["width"])) == (1, 2, 512, 256, 256)
+    assert r7["class"] == "tissue" and float(r7["prob_tissue"]) == pytest.approx(0.9)
+    from ome_zarr.io import parse_url
+    from ome_zarr.reader import Reader
+
+    nodes = list(Reader(parse_url(rec["ome_zarr"]))())
+    image = np.asarray(nodes[0].data[0])
+    assert image.shape == (3, 3, 5)  # prob_glass, prob_tissue, uncertainty; one pixel per patch
+    scale = nodes[0].metadata["coordinateTransformations"][0][0]["scale"]
+    assert scale[-1] == pytest.approx(64.0)  # µm per map pixel: 128 px x 0.5 µm
+    assert image[1, 1, 2] == pytest.approx(0.9) and image[1, 2, 0] == 0  # no patch there: 0
+    import zarr
+
+    labels = np.asarray(zarr.open(rec["ome_zarr"], mode="r")["labels/prediction/s0"])  # class + 1; 0: none
+    assert labels.shape == (3, 5) and labels[1, 2] == 2 and labels[0, 0] == 1 and labels[2, 0] == 0
+
+
+def test_a_classifier_reads_patches_of_its_training_size_on_a_slide():
+    from instantdl_ray.data.dataset import ReadTiles, grid_rows, patch_grid
+
+    plan = _classifier_plan()
+    slide = np.zeros((300, 520, 3), np.uint8)
+    slide[128:256, 256:384] = 200  # patch row 1, col 2
+    path = "mem.svs"
+    plan.extra["slides"] = {path: {"factor": 1.0, "mpp": 0.5}}
+    plan.image_norm = {path: [[0.0, 255.0]] * 3}
+    s = read.Sample("mem", Path(path), None)
+    grid = patch_grid(plan, slide.shape)
+    rows = grid_rows([s], {path: slide.shape}, plan, 0.0, keep={path: [7, 8]}, grids={path: grid})
+    assert [r["tile_index"] for r in rows] == [7, 8] and rows[0]["origin"] == [128, 256]
+    import instantdl_ray.data.dataset as dataset
+
+    reader = ReadTiles(plan, with_target=False)
+    dataset._open.cache_clear()
+    orig = dataset._open
+    dataset._open = lambda p: slide  # an in-memory slide
+    try:
+        out = reader({k: np.array([r[k] for r in rows]) for k in ("image", "origin")})
+    finally:
+        dataset._open = orig
+    assert out["image"].shape == (2, 3, 64, 64)  # 128² patches resized to the network's 64²
+    assert out["image"][0].min() > 0.7 and out["image"][1].max() < 0.1
+
+
+def _classifier_run(tmp_path: Path) -> Path:
+    """A run folder with a ResNet-18 (never trained) classifying 128² patches at 0.5 µm/px."""
+    import torch
+
+    from instantdl_ray.config import schema as config_mod
+    from instantdl_ray.models import build_model
+
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints" / "best").mkdir(parents=True)
+    (tmp_path / "data" / "train" / "image").mkdir(parents=True)
+    cfg = config_mod.from_dict({"use_algorithm": "Classification", "path": str(tmp_path / "data")})
+    config_mod.dump(cfg, run_dir / "config.yaml")
+    _classifier_plan().to_json(run_dir / "plan.json")
+    torch.manual_seed(0)
+    model = build_model("resnet18", in_channels=3, out_channels=2, spatial_dims=2, dropout=0.2)
+    torch.save(model.state_dict(), run_dir / "checkpoints" / "best" / "model.pt")
+    return run_dir
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_classifier_predicts_a_tile_map_of_a_slide_where_there_is_tissue(ray_session, tmp_path):
+    """``predict --input`` of a classification run on a folder with an ``.svs``: a map of 128²
+    patches, only those touching tissue classified, the slide's summary in ``predictions.csv``,
+    ``slides.csv`` complete; run again, the finished slide is kept."""
+    import csv
+
+    from instantdl_ray import pipeline
+
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    write_aperio_svs(slides / "he.svs", tissue_image((1024, 1536)), mpp=0.5, downsamples=(4,))
+    run_dir = _classifier_run(tmp_path)
+    out = pipeline.predict_new(run_dir, slides, out=tmp_path / "out", overrides=["calculate_uncertainty=false"])
+    with open(out / "slides.csv", newline="") as f:
+        table = {r["name"]: r for r in csv.DictReader(f)}
+    assert table["he"]["status"] == "done" and "predictions/he_tiles.csv" in table["he"]["outputs"]
+    with open(out / "predictions" / "he_tiles.csv", newline="") as f:
+        tiles = list(csv.DictReader(f))
+    assert 0 < len(tiles) == int(table["he"]["tiles"]) < 8 * 12  # the tissue's patches of the 8 x 12 grid
+    truth = np.zeros((1024, 1536), bool)
+    truth[300:900, 400:1300] = truth[1000:1400, 1500:1900] = True
+    for t in tiles:  # every classified patch touches tissue (with the mask's margin)
+        y, x, h, w = (int(t[k]) for k in ("y", "x", "height", "width"))
+        assert truth[max(0, y - 64):y + h + 64, max(0, x - 64):x + w + 64].any(), t
+    with open(out / "predictions" / "predictions.csv", newline="") as f:
+        summary = {r["filename"]: r for r in csv.DictReader(f)}
+    assert summary["he"]["prediction"] in ("0", "1")
+    assert abs(float(summary["he"]["prob_glass"]) + float(summary["he"]["prob_tissue"]) - 1) < 1e-4
+    before = (out / "predictions" / "he_tiles.csv").stat().st_mtime_ns
+    pipeline.predict_new(run_dir, slides, out=tmp_path / "out", overrides=["calculate_uncertainty=false"])
+    assert (out / "predictions" / "he_tiles.csv").stat().st_mtime_ns == before  # kept, not predicted again

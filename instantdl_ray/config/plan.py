@@ -359,6 +359,11 @@ def make_plan(cfg, inv) -> Plan:
                 f"images resized to {image_size} instead of {asked}: the network needs at least "
                 f"{MIN_CLASSIFICATION_SIZE} px per side (its last stage would see 1x1 maps)")
         tile = image_size
+        # on a slide the model classifies patches of the training images' size (predict.tilemap)
+        train_yx = [_spatial_of(inv.image_shapes[str(s.image)], axes)[-2:] for s in inv.samples.get("train", [])
+                    if str(s.image) in inv.image_shapes]
+        if train_yx:
+            extra_fields["patch_shape"] = [int(v) for v in np.median(np.asarray(train_yx), axis=0)]
 
     train = [str(s.image) for s in inv.samples.get("train", [])]
     tr, va = split_train_val(train, cfg.validation_split, cfg.seed)

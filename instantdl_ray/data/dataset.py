@@ -80,6 +80,19 @@ def annotation_labels(target: str | Path, image_shape: Sequence[int], plan: Plan
     return _annotation_labels(str(target), yx, "" if classes is None else json.dumps(classes, sort_keys=True))
 
 
+def patch_shape(plan: Plan) -> list[int]:
+    """The extent (px of the model's grid) a classification model classifies on a slide: the size
+    of its training images (``plan.extra["patch_shape"]``; they are resized to ``image_size``)."""
+    return [int(v) for v in (plan.extra.get("patch_shape") or plan.image_size or plan.tile_shape)]
+
+
+def patch_grid(plan: Plan, shape: Sequence[int]) -> list:
+    """The patches (``tile.Tile``s, no overlap) a classification model reads on a slide of ``shape``."""
+    from instantdl_ray.data.tile import tile_grid
+
+    return tile_grid(tuple(spatial_shape(shape, read.image_axes(shape, plan.axes))), tuple(patch_shape(plan)), 0)
+
+
 def encode_target(gt: Any) -> str:
     """A sample's groundtruth -> a string for an Arrow column ('' none, a path, or a JSON list)."""
     if gt is None or isinstance(gt, int):
@@ -145,7 +158,9 @@ class ReadTiles:
         view = p.extra.get("views", {}).get(image)  # a slide read at a level / resampled (prediction)
         arr = _open_view(image, int(view["level"]), float(view["scale"]), p.axes) if view else _open(image)
         axes = read.image_axes(arr.shape, p.axes)
-        if not self.task.pixelwise:
+        if not self.task.pixelwise and image in p.extra.get("slides", {}):  # a patch of a slide (a tile map)
+            chw = read_window(arr, axes, origin, patch_shape(p))
+        elif not self.task.pixelwise:
             chw = read.to_channel_first(np.asarray(arr[...]), axes)
         else:
             chw = read_window(arr, axes, origin, p.tile_shape)
@@ -393,7 +408,8 @@ def grid_rows(samples: list[read.Sample], shapes: dict[str, tuple[int, ...]], pl
               keep: dict[str, list[int]] | None = None, grids: dict[str, list] | None = None) -> list[dict]:
     """Spec rows covering each image with the prediction tile grid (validation / prediction);
     ``keep``: per image, the indices of the grid's tiles to read (a slide's tissue), else all;
-    ``grids``: per image, its grid when the caller built it already (``tile.tile_grid``)."""
+    ``grids``: per image, its grid when the caller built it already (``tile.tile_grid``; a slide's
+    patches for a classification model, ``patch_grid``)."""
     from instantdl_ray.data.tile import grid_overlap, tile_grid
     from instantdl_ray.tasks import get_task
 
@@ -402,7 +418,8 @@ def grid_rows(samples: list[read.Sample], shapes: dict[str, tuple[int, ...]], pl
     rows = []
     for idx, s in enumerate(samples):
         sp = spatial_shape(shapes[str(s.image)], plan.axes)
-        tiles = ((grids or {}).get(str(s.image)) or tile_grid(tuple(sp), tuple(plan.tile_shape), ov)) if pixelwise else [None]
+        tiles = (grids or {}).get(str(s.image)) or (tile_grid(tuple(sp), tuple(plan.tile_shape), ov) if pixelwise
+                                                     else [None])  # one row per image, or a slide's patches
         wanted = set(keep[str(s.image)]) if keep and str(s.image) in keep else None
         for t_idx, t in enumerate(tiles):
             if wanted is not None and t_idx not in wanted:

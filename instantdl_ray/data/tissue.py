@@ -62,17 +62,30 @@ def yx_shape(shape: Sequence[int]) -> tuple[int, int]:
     return int(shape[a]), int(shape[b])
 
 
+GREY_SPREAD = 3 / 255  # channels this close (99th percentile of max - min): a grey image stored as RGB
+
+
+def is_colour(thumb: np.ndarray) -> bool:
+    """Whether a thumbnail ``(y, x[, C])`` holds colour: 3+ channels that differ (a grey scan
+    saved as RGB, as fluorescence slides often are, has three equal channels and no saturation)."""
+    if not (thumb.ndim == 3 and thumb.shape[-1] >= 3):
+        return False
+    rgb = thumb[..., :3].astype(np.float64)
+    rgb = rgb / (255.0 if thumb.dtype == np.uint8 or rgb.max() > 1 else 1.0)
+    return float(np.percentile(rgb.max(-1) - rgb.min(-1), 99)) > GREY_SPREAD
+
+
 def tissue_score(thumb: np.ndarray) -> np.ndarray:
-    """Per-pixel "how much like tissue", background near 0: saturation for colour (3+ channels),
-    else the distance from the background's intensity towards the side the tissue lies on (the
-    background is the histogram's peak: dark on fluorescence, bright on bright-field)."""
-    if thumb.ndim == 3 and thumb.shape[-1] >= 3:
+    """Per-pixel "how much like tissue", background near 0: saturation for colour (3+ channels
+    that differ), else the distance from the background's intensity towards the side the tissue
+    lies on (the background is the histogram's peak: dark on fluorescence, bright on bright-field)."""
+    if is_colour(thumb):
         from skimage.color import rgb2hsv
 
         rgb = thumb[..., :3].astype(np.float64)
         rgb = rgb / (255.0 if thumb.dtype == np.uint8 or rgb.max() > 1 else 1.0)
         return rgb2hsv(np.clip(rgb, 0, 1))[..., 1]
-    grey = (thumb if thumb.ndim == 2 else thumb.mean(-1)).astype(np.float64)
+    grey = (thumb if thumb.ndim == 2 else thumb[..., :3].mean(-1)).astype(np.float64)
     hist, edges = np.histogram(grey, bins=256)
     mode = 0.5 * (edges[hist.argmax()] + edges[hist.argmax() + 1])
     return grey - mode if grey.mean() >= mode else mode - grey
@@ -92,7 +105,7 @@ def detect_tissue(thumb: np.ndarray, min_object_px: int = MIN_OBJECT_PX) -> np.n
     from skimage.filters import threshold_otsu
     from skimage.morphology import closing, disk, remove_small_holes, remove_small_objects
 
-    colour = thumb.ndim == 3 and thumb.shape[-1] >= 3
+    colour = is_colour(thumb)
     score = gaussian_filter(tissue_score(thumb), 1.0)
     if not np.ptp(score) > 0:
         return np.zeros(score.shape, bool)

@@ -178,6 +178,30 @@ def _prepare_one(inp: Input, plan: Plan, tissue_setting: str, out_dir: Path, log
     shapes[str(f)] = shape
 
 
+def run_test_slides(samples: list[read.Sample], shapes: dict, plan: Plan, tissue_setting: str, out_dir: Path,
+                    log: Callable = print) -> dict:
+    """The whole slides of a run's own test set, read as stored (their level 0, the grid their
+    groundtruth is on): their tissue masks (saved under ``out_dir/tissue``; only tiles that touch
+    tissue are predicted) and their entries in ``plan.extra["slides"]``, so they get the slide
+    outputs (OME-Zarr, GeoJSON) as ``predict --input`` gives them. Returns the masks."""
+    from instantdl_ray.data.tissue import mask_for, yx_shape
+
+    masks = {}
+    for s in samples:
+        if not slide.is_pyramid(s.image):
+            continue
+        mpp = slide.microscope_mpp(read.pixel_size(s.image))
+        if plan.mpp and mpp and abs(mpp / plan.mpp - 1) > slide.SCALE_TOLERANCE:
+            log(f"{s.image.name}: {mpp:g} µm/px, the model works at {plan.mpp:g}; the test set is read as stored "
+                "(predict --input reads a slide at the model's resolution)")
+        plan.extra.setdefault("slides", {})[str(s.image)] = {"factor": 1.0, "mpp": mpp}
+        mask = mask_for(s.image, yx_shape(shapes[str(s.image)]), tissue_setting, plan.tile_shape, out_dir / "tissue", s.stem)
+        if mask is not None and mask.fraction > 0:
+            masks[str(s.image)] = mask
+            log(f"{s.stem}: tissue covers {100 * mask.fraction:.1f} % of the slide")
+    return masks
+
+
 def output_pixel_size(s: read.Sample, plan: Plan) -> dict | None:
     """The pixel size (µm) of an input's predictions: the model's grid where the input was
     resampled or read at a pyramid level, else the input file's own."""
@@ -188,7 +212,7 @@ def output_pixel_size(s: read.Sample, plan: Plan) -> dict | None:
 
 
 TABLE_COLUMNS = ("slide", "name", "status", "level", "mpp", "tiles", "tissue_fraction", "seconds", "outputs", "error")
-OUTPUT_KEYS = ("prediction", "uncertainty", "mutual_information", "ome_zarr", "geojson")
+OUTPUT_KEYS = ("prediction", "uncertainty", "mutual_information", "ome_zarr", "geojson", "tile_table")
 
 
 def write_table(path: Path, inputs: list[Input], records: dict[str, dict]) -> Path:
@@ -203,7 +227,7 @@ def write_table(path: Path, inputs: list[Input], records: dict[str, dict]) -> Pa
         status = "failed" if inp.error else "done" if rec else "pending"
         info = {**inp.info, **{k: rec[k] for k in ("level", "mpp", "tiles", "tissue_fraction", "seconds")
                                if rec and rec.get(k) is not None}}
-        outs = [_relative(rec[k], path.parent) for k in OUTPUT_KEYS if rec and rec.get(k)]
+        outs = [_relative(rec[k], path.parent) for k in OUTPUT_KEYS if rec and isinstance(rec.get(k), str)]
         rows.append([str(inp.path), inp.name, status] + ["" if info.get(k) is None else info[k]
                                                          for k in ("level", "mpp", "tiles", "tissue_fraction", "seconds")]
                     + [";".join(outs), inp.error or ""])

@@ -176,8 +176,9 @@ def predict(cfg, plan: Plan, samples: list[read.Sample], shapes: dict, model_pat
     """
     import ray
 
-    from instantdl_ray.data.dataset import grid_rows, ray_dataset, spatial_shape
+    from instantdl_ray.data.dataset import grid_rows, patch_grid, ray_dataset, spatial_shape
     from instantdl_ray.predict.stitch import ImageAccumulator
+    from instantdl_ray.predict.tilemap import TileMap, write_tile_map
     from instantdl_ray.tasks import get_task
     from instantdl_ray.data.tile import grid_overlap, tile_grid
 
@@ -186,7 +187,9 @@ def predict(cfg, plan: Plan, samples: list[read.Sample], shapes: dict, model_pat
         raise model_file_error(model_path, why)
     task = get_task(plan.task)
     pred_dir, unc_dir = out_dir / "predictions", out_dir / "uncertainty"
-    done = _done_records(pred_dir, samples) if reuse and task.pixelwise else {}
+    slides = plan.extra.get("slides", {})
+    mapped = {str(s.image) for s in samples if not task.pixelwise and str(s.image) in slides}  # tile maps
+    done = _done_records(pred_dir, [s for s in samples if task.pixelwise or str(s.image) in mapped]) if reuse else {}
     records: list[dict] = list(done.values())
     if done:
         log(f"{len(done)} of {len(samples)} images were predicted before the interruption: kept")
@@ -198,6 +201,7 @@ def predict(cfg, plan: Plan, samples: list[read.Sample], shapes: dict, model_pat
     ov = grid_overlap(plan, cfg.tile_overlap)
     grids = {str(s.image): tile_grid(tuple(spatial_shape(shapes[str(s.image)], plan.axes)), tuple(plan.tile_shape), ov)
              for s in samples if task.pixelwise}
+    grids.update({str(s.image): patch_grid(plan, shapes[str(s.image)]) for s in samples if str(s.image) in mapped})
     keep = {k: m.tiles(grids[k]) or list(range(len(grids[k]))) for k, m in masks.items() if k in grids}
     for s in samples:
         if str(s.image) in keep:
@@ -223,7 +227,15 @@ def predict(cfg, plan: Plan, samples: list[read.Sample], shapes: dict, model_pat
     log(f"predicting {len(samples)} images ({len(rows)} tiles) on {n_actors} actor(s), "
         f"{passes} Monte-Carlo pass{'es' if passes > 1 else ''} per tile")
     accs: dict[int, ImageAccumulator] = {}
+    maps: dict[int, TileMap] = {}
     started: dict[int, float] = {}
+
+    def _finish(rec: dict, seconds: float) -> None:  # a slide or pixel image, all its files written
+        rec["seconds"] = round(seconds, 1)
+        records.append(rec)
+        if on_record is not None:
+            on_record(rec)
+        _save_record(pred_dir, rec)
     done_tiles, t0, last = 0, time.time(), 0.0
     for batch in _batches(ds, model_path):
         pred_dir.mkdir(parents=True, exist_ok=True)  # with the first outputs: a failed start leaves none
@@ -231,9 +243,18 @@ def predict(cfg, plan: Plan, samples: list[read.Sample], shapes: dict, model_pat
             idx, t_idx = int(batch["image_index"][j]), int(batch["tile_index"][j])
             s = samples[idx]
             outputs = {k: v[j] for k, v in batch.items() if k not in ("image_index", "tile_index")}
-            if not task.pixelwise:
+            if not task.pixelwise and str(s.image) not in mapped:
                 records.append(_write_classification(s, task.finalize(outputs, plan)))
                 done_tiles += 1
+                continue
+            if str(s.image) in mapped:  # one patch of a slide's class map
+                if idx not in maps:
+                    started[idx] = time.time()
+                    maps[idx] = TileMap(grids[str(s.image)], keep.get(str(s.image)), plan.num_classes)
+                done_tiles += 1
+                if maps[idx].add(t_idx, outputs):
+                    rec = write_tile_map(s, maps.pop(idx), plan, pred_dir, slides[str(s.image)])
+                    _finish(rec, time.time() - started.pop(idx))
                 continue
             if idx not in accs:
                 started[idx] = time.time()
@@ -244,12 +265,9 @@ def predict(cfg, plan: Plan, samples: list[read.Sample], shapes: dict, model_pat
                                              active=keep.get(str(s.image)), mask=masks.get(str(s.image)))
             done_tiles += 1
             if accs[idx].add(t_idx, outputs):
-                records.append(write_image(s, accs.pop(idx), task, plan, pred_dir, unc_dir))
-                records[-1]["tiles"] = len(keep.get(str(s.image), grids[str(s.image)]))
-                records[-1]["seconds"] = round(time.time() - started.pop(idx), 1)
-                if on_record is not None:
-                    on_record(records[-1])
-                _save_record(pred_dir, records[-1])
+                rec = write_image(s, accs.pop(idx), task, plan, pred_dir, unc_dir)
+                rec["tiles"] = len(keep.get(str(s.image), grids[str(s.image)]))
+                _finish(rec, time.time() - started.pop(idx))
         if time.time() - last > 10 or done_tiles == len(rows):
             last = time.time()
             rate = done_tiles / max(last - t0, 1e-9)
