@@ -54,3 +54,26 @@ def test_tile_read_plain_worker_runs_without_ray(tmp_path):
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))
     r = json.loads(line[7:])
     assert r["tiles"] == 24 and r["tiles_per_s"] > 0
+
+
+def test_slide_train_builds_slides_whose_geojson_rasterises_to_the_masks(tmp_path):
+    from PIL import Image
+
+    import slide_train
+    from instantdl_ray.io import annotations, read
+
+    data = Path(__file__).resolve().parents[1] / "examples" / "dsb2018_small"
+    out = slide_train.build_slides(data, tmp_path / "slides", per_slide=16)  # 40 images: 3 slides
+    images = sorted((out / "train" / "image").iterdir())
+    assert [p.name for p in images] == ["slide00.ome.tif", "slide01.ome.tif", "slide02.ome.tif"]
+    slide = read.open_array(images[0])
+    assert tuple(slide.shape) == (1280, 1280)
+    gj = out / "train" / "groundtruth" / "slide00.geojson"
+    ann = annotations.load(gj)
+    assert len(ann.regions) == 16 and set(ann.classes) == {"Nucleus"}
+    first = sorted(p.name for p in (data / "train" / "image").iterdir())[0]
+    mask = np.asarray(Image.open(data / "train" / "groundtruth" / first)) > 0
+    lab = annotations.Labels(gj, (1280, 1280), {"Nucleus": 1})[0:256, 0:256]
+    np.testing.assert_array_equal(lab > 0, mask)  # the first image's cell: its mask, pixel for pixel
+    np.testing.assert_array_equal(np.asarray(slide[0:256, 0:256]),
+                                  np.asarray(Image.open(data / "train" / "image" / first).convert("L")))
