@@ -460,8 +460,8 @@ def test_ome_zarr_writer_round_trip(tmp_path):
 # ---------------------------------------------------------------- end to end, with Ray
 
 
-def _colour_run(tmp_path: Path) -> Path:
-    """A run folder with a tiny colour U-Net (never trained) working at 0.5 µm/px."""
+def _untrained_run(tmp_path: Path, task: str, plan: Plan, model: str, **model_kwargs) -> Path:
+    """A run folder of ``task`` with ``plan`` and a ``model`` that was never trained (seeded)."""
     import torch
 
     from instantdl_ray.config import schema as config_mod
@@ -470,13 +470,20 @@ def _colour_run(tmp_path: Path) -> Path:
     run_dir = tmp_path / "run"
     (run_dir / "checkpoints" / "best").mkdir(parents=True)
     (tmp_path / "data" / "train" / "image").mkdir(parents=True)
-    cfg = config_mod.from_dict({"use_algorithm": "SemanticSegmentation", "path": str(tmp_path / "data")})
+    cfg = config_mod.from_dict({"use_algorithm": task, "path": str(tmp_path / "data")})
     config_mod.dump(cfg, run_dir / "config.yaml")
-    _plan(axes="YXC", in_channels=3, mpp=0.5, tile=(256, 256)).to_json(run_dir / "plan.json")
+    plan.to_json(run_dir / "plan.json")
     torch.manual_seed(0)
-    model = build_model("unet", in_channels=3, out_channels=1, spatial_dims=2, dropout=0.2, features=[4, 4, 8, 8, 16, 4])
-    torch.save(model.state_dict(), run_dir / "checkpoints" / "best" / "model.pt")
+    net = build_model(model, in_channels=plan.in_channels, out_channels=plan.out_channels, spatial_dims=2, dropout=0.2,
+                      **model_kwargs)
+    torch.save(net.state_dict(), run_dir / "checkpoints" / "best" / "model.pt")
     return run_dir
+
+
+def _colour_run(tmp_path: Path) -> Path:
+    """A run folder with a tiny colour U-Net (never trained) working at 0.5 µm/px."""
+    return _untrained_run(tmp_path, "SemanticSegmentation", _plan(axes="YXC", in_channels=3, mpp=0.5, tile=(256, 256)),
+                          "unet", features=[4, 4, 8, 8, 16, 4])
 
 
 @pytest.mark.slow
@@ -668,21 +675,7 @@ def test_a_classifier_reads_patches_of_its_training_size_on_a_slide():
 
 def _classifier_run(tmp_path: Path) -> Path:
     """A run folder with a ResNet-18 (never trained) classifying 128² patches at 0.5 µm/px."""
-    import torch
-
-    from instantdl_ray.config import schema as config_mod
-    from instantdl_ray.models import build_model
-
-    run_dir = tmp_path / "run"
-    (run_dir / "checkpoints" / "best").mkdir(parents=True)
-    (tmp_path / "data" / "train" / "image").mkdir(parents=True)
-    cfg = config_mod.from_dict({"use_algorithm": "Classification", "path": str(tmp_path / "data")})
-    config_mod.dump(cfg, run_dir / "config.yaml")
-    _classifier_plan().to_json(run_dir / "plan.json")
-    torch.manual_seed(0)
-    model = build_model("resnet18", in_channels=3, out_channels=2, spatial_dims=2, dropout=0.2)
-    torch.save(model.state_dict(), run_dir / "checkpoints" / "best" / "model.pt")
-    return run_dir
+    return _untrained_run(tmp_path, "Classification", _classifier_plan(), "resnet18")
 
 
 @pytest.mark.slow
