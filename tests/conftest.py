@@ -206,6 +206,54 @@ def write_ome_pyramid(path: Path, rgb: np.ndarray, mpp: float | None = 0.5, down
     return write(path, rgb, mpp=mpp, downsamples=downsamples, tile=tile)
 
 
+def write_dicom_wsi(folder: Path, rgb: np.ndarray, mpp: float | None = 0.5, downsamples=(1, 4), tile=256) -> Path:
+    """A DICOM WSI as scanners export it: a folder with one VL Whole Slide Microscopy Image file per
+    pyramid level (``TILED_FULL`` uncompressed RGB frames, one series, pixel spacing in mm in the
+    shared functional groups), written with pydicom; OpenSlide reads it as vendor ``dicom``."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    wsm = "1.2.840.10008.5.1.4.1.1.77.1.6"
+    folder.mkdir(parents=True, exist_ok=True)
+    study, series, frame_of_reference = generate_uid(), generate_uid(), generate_uid()
+    for k, d in enumerate(downsamples):
+        level = np.ascontiguousarray(rgb[::d, ::d])
+        h, w = level.shape[:2]
+        ny, nx = -(-h // tile), -(-w // tile)
+        frames = np.zeros((ny * nx, tile, tile, 3), np.uint8)
+        for i in range(ny):
+            for j in range(nx):
+                part = level[i * tile:(i + 1) * tile, j * tile:(j + 1) * tile]
+                frames[i * nx + j, :part.shape[0], :part.shape[1]] = part
+        ds = Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.MediaStorageSOPClassUID = wsm
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.SOPClassUID, ds.Modality, ds.InstanceNumber = wsm, "SM", k + 1
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame_of_reference
+        ds.ImageType = ["ORIGINAL" if d == 1 else "DERIVED", "PRIMARY", "VOLUME", "NONE" if d == 1 else "RESAMPLED"]
+        ds.Rows, ds.Columns, ds.TotalPixelMatrixRows, ds.TotalPixelMatrixColumns = tile, tile, h, w
+        ds.NumberOfFrames, ds.DimensionOrganizationType = ny * nx, "TILED_FULL"
+        ds.TotalPixelMatrixFocalPlanes, ds.NumberOfOpticalPaths = 1, 1
+        path = Dataset()
+        path.OpticalPathIdentifier = "1"
+        ds.OpticalPathSequence = [path]
+        ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "RGB", 0
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+        if mpp is not None:
+            measures = Dataset()
+            measures.PixelSpacing = [mpp * d / 1000, mpp * d / 1000]  # mm
+            measures.SliceThickness = 0.001
+            shared = Dataset()
+            shared.PixelMeasuresSequence = [measures]
+            ds.SharedFunctionalGroupsSequence = [shared]
+            ds.ImagedVolumeWidth, ds.ImagedVolumeHeight, ds.ImagedVolumeDepth = w * mpp * d / 1000, h * mpp * d / 1000, 0.001
+        ds.PixelData = frames.tobytes()
+        ds.save_as(folder / f"level{k}.dcm", enforce_file_format=True)
+    return folder
+
+
 def tissue_image(shape=(1536, 2048), seed=0) -> np.ndarray:
     """Bright glass with two H&E-like (purple) tissue patches and dark nuclei: (Y, X, 3) uint8."""
     rng = np.random.default_rng(seed)

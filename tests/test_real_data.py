@@ -1,7 +1,8 @@
-"""End-to-end runs on the real data sets in ../shared/data (skipped when absent).
-
-The default suite runs one short real-data run (InstantDL's semantic example, 1 epoch).
-Every bundled config, shortened to 1 epoch, runs with:  python -m pytest -m slow tests/test_real_data.py
+"""End-to-end runs on the real data sets in ../shared/data (skipped when absent), in the slow suite:
+every bundled config shortened to 1 epoch, and InstantDL's semantic example with its report checked:
+python -m pytest -m slow tests/test_real_data.py. (The default suite validates the real data sets,
+tests/test_validate.py, and trains on real DSB images of the bundled example pasted into slides,
+tests/test_annotations.py.)
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ def _check_report(run_dir: Path) -> dict:
     return res
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_one_epoch_on_instantdl_semantic_example(ray_session, shared_data, tmp_path):
     cfg = config.from_dict({"use_algorithm": "SemanticSegmentation",

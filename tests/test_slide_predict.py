@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from conftest import tissue_image, write_aperio_svs, write_ome_pyramid
+from conftest import tissue_image, write_aperio_svs, write_dicom_wsi, write_ome_pyramid
 from instantdl_ray.config.plan import Plan, image_percentiles, model_mpp
 from instantdl_ray.data.tile import tile_grid
 from instantdl_ray.data.tissue import TissueMask, detect_tissue, mask_for
@@ -538,9 +538,9 @@ def json_load(path: Path):
 
 def test_predict_a_folder_with_an_svs_and_an_ome_tiff_only_where_there_is_tissue(ray_session, tmp_path):
     """``predict --input`` on a folder holding an Aperio ``.svs`` (RGB, 0.25 µm/px, levels 1 and
-    1/4) and an OME-TIFF pyramid (0.5 µm/px) with a colour model working at 0.5 µm/px: the ``.svs``
-    is read at level 0 and resampled by 1/2 (its level 1 is coarser than the model), the OME-TIFF
-    as stored; both only where there is tissue, background 0 elsewhere, the pixel size recorded;
+    1/4), an OME-TIFF pyramid and a DICOM WSI folder (0.5 µm/px) with a colour model working at
+    0.5 µm/px: the ``.svs`` is read at level 0 and resampled by 1/2 (its level 1 is coarser than
+    the model), the others as stored; all only where there is tissue, background 0 elsewhere, the pixel size recorded;
     masks and thumbnails saved. A threshold near 0 marks every pixel the model saw. A truncated
     ``.svs`` beside them fails alone: named in the error and in ``slides.csv``."""
     from instantdl_ray import pipeline
@@ -550,6 +550,7 @@ def test_predict_a_folder_with_an_svs_and_an_ome_tiff_only_where_there_is_tissue
     slides.mkdir()
     write_aperio_svs(slides / "he.svs", np.repeat(np.repeat(rgb, 2, 0), 2, 1), mpp=0.25, downsamples=(4,))
     write_ome_pyramid(slides / "he2.ome.tif", rgb, mpp=0.5, downsamples=(2, 4))
+    write_dicom_wsi(slides / "he3", rgb, mpp=0.5, downsamples=(1, 4))  # a DICOM WSI folder
     (slides / "notes.txt").write_text("not an image")
     broken = write_aperio_svs(slides / "broken.svs", rgb, mpp=0.5, downsamples=(4,))
     with open(broken, "r+b") as f:  # a scan cut short: its tiles lie past the end of the file
@@ -560,13 +561,13 @@ def test_predict_a_folder_with_an_svs_and_an_ome_tiff_only_where_there_is_tissue
     out = tmp_path / "out"
     with pytest.raises(RunFailed) as e:  # the broken slide is reported by name; the others are done
         pipeline.predict_new(run_dir, slides, out=out, overrides=["calculate_uncertainty=false", "threshold=1e-9"])
-    assert e.value.exit_code != 0 and "1 of 3 inputs failed" in str(e.value)
+    assert e.value.exit_code != 0 and "1 of 4 inputs failed" in str(e.value)
     assert "broken.svs: cannot be read (image data up to byte" in str(e.value)
     import csv
 
     with open(out / "slides.csv", newline="") as f:
         table = {r["name"]: r for r in csv.DictReader(f)}
-    assert {k: r["status"] for k, r in table.items()} == {"broken": "failed", "he": "done", "he2": "done"}
+    assert {k: r["status"] for k, r in table.items()} == {"broken": "failed", "he": "done", "he2": "done", "he3": "done"}
     assert "truncated" in table["broken"]["error"]
     assert table["he"]["level"] == "0" and float(table["he"]["mpp"]) == 0.5 and int(table["he"]["tiles"]) > 0
     assert 0 < float(table["he2"]["tissue_fraction"]) < 1 and float(table["he2"]["seconds"]) >= 0
@@ -574,7 +575,7 @@ def test_predict_a_folder_with_an_svs_and_an_ome_tiff_only_where_there_is_tissue
     log = (out / "predict.log").read_text()
     truth = np.zeros(rgb.shape[:2], bool)
     truth[300:900, 400:1300] = True  # tissue_image's first patch (its second lies at the corner)
-    for name in ("he", "he2"):
+    for name in ("he", "he2", "he3"):
         pred = tifffile.imread(out / "predictions" / f"{name}.tif")
         assert pred.shape == (1024, 1536), name  # both at 0.5 µm/px
         assert read.pixel_size(out / "predictions" / f"{name}.tif") == pytest.approx({"y": 0.5, "x": 0.5})
@@ -594,7 +595,45 @@ def test_predict_a_folder_with_an_svs_and_an_ome_tiff_only_where_there_is_tissue
     assert "1 file(s) of an unsupported type not predicted: notes.txt" in log
     n_tiles = len(tile_grid((1024, 1536), (256, 256), (64, 64)))
     counts = [int(ln.split(": ")[1].split(" of ")[0]) for ln in log.splitlines() if "tiles touch tissue" in ln]
-    assert len(counts) == 2 and all(c < n_tiles for c in counts)
+    assert len(counts) == 3 and all(c < n_tiles for c in counts)
+
+
+# ---------------------------------------------------------------- DICOM WSI
+
+
+def test_a_dicom_wsi_folder_reads_as_a_slide_with_its_levels_and_pixel_size(tmp_path):
+    from instantdl_ray.io.slide import slide_info
+
+    img = tissue_image((1024, 1536))
+    case = write_dicom_wsi(tmp_path / "slides" / "case7", img, mpp=0.25, downsamples=(1, 4))
+    info = slide_info(case)
+    assert info.vendor == "dicom" and info.levels == ((1024, 1536), (256, 384)) and info.downsamples == (1.0, 4.0)
+    assert info.mpp == {"y": 0.25, "x": 0.25} and read.pixel_size(case) == {"y": 0.25, "x": 0.25}
+    np.testing.assert_array_equal(np.asarray(read.open_array(case)[300:364, 400:464]), img[300:364, 400:464])
+    assert read.open_array(case, 1).shape == (256, 384, 3)
+    assert read.is_image(case) and read._stem(case) == "case7" and read.check_pixels(case) is None
+    assert slide_info(case / "level1.dcm").levels == info.levels  # any file of the series opens the slide
+    # a folder of slides: the DICOM folder is one input beside an .svs; the DICOM folder itself is one
+    write_aperio_svs(tmp_path / "slides" / "he.svs", img, mpp=0.5, downsamples=(4,))
+    found, problems = gather(tmp_path / "slides")
+    assert problems == [] and sorted(i.name for i in found) == ["case7", "he"]
+    assert [i.name for i in gather(case)[0]] == ["case7"]
+    dotted = case.rename(case.with_name("TCGA-01.2"))  # case IDs with dots are folder names, not suffixes
+    assert read.is_image(dotted) and read._stem(dotted) == "TCGA-01.2" and slide_info(dotted).vendor == "dicom"
+    case = dotted.rename(case)
+    # read at the model's 0.5 µm/px: level 0 halved (level 1 is coarser), only where there is tissue
+    plan = _plan(axes="YXC", in_channels=3, mpp=0.5, tile=(256, 256))
+    samples, shapes, masks, problems = prepare([Input(case, "case7")], plan, "auto", tmp_path / "out")
+    assert problems == [] and shapes[str(case)] == (512, 768, 3)
+    assert plan.extra["views"][str(case)] == {"level": 0, "scale": 0.5, "mpp": 0.5}
+    assert 0.2 < masks[str(case)].fraction < 0.6
+    # training: a DICOM folder in image/ pairs with its annotations in groundtruth/
+    for sub in ("image", "groundtruth"):
+        (tmp_path / "d" / "train" / sub).mkdir(parents=True)
+    case.rename(tmp_path / "d" / "train" / "image" / "case7")
+    (tmp_path / "d" / "train" / "groundtruth" / "case7.geojson").write_text("{}")
+    samples, problems = read.discover(tmp_path / "d", "train", "semantic")
+    assert problems == [] and [(x.name, x.groundtruth.name) for x in samples] == [("case7", "case7.geojson")]
 
 
 # ---------------------------------------------------------------- classification on a slide: a tile map

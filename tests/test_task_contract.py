@@ -88,7 +88,11 @@ def _case(task_name, model, tile, classes):
 
 
 def _tiered(case):
-    """A full Mask R-CNN step takes about a minute on 2 CPUs: it belongs to the integration tier."""
+    """A full Mask R-CNN step takes about a minute and a half on 2 CPUs: it belongs to the
+    integration tier; the ResNet-50 FPN variant (the same task code, a heavier backbone) to the
+    slow suite, the default suite's time goes to the ResNet-18 FPN one."""
+    if case[1] == "maskrcnn":
+        return pytest.param(*case, marks=[pytest.mark.integration, pytest.mark.slow])
     return pytest.param(*case, marks=pytest.mark.integration) if case[1].startswith("maskrcnn") else case
 
 

@@ -39,7 +39,7 @@ def _fit(cfg, run_dir):
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("n_train,split,n_val", [(4, 0.2, 1), (6, 0.5, 3)])
+@pytest.mark.parametrize("n_train,split,n_val", [(4, 0.2, 1), pytest.param(6, 0.5, 3, marks=pytest.mark.slow)])
 def test_two_workers_validate_every_tile_exactly_once(ray_session, tmp_path, n_train, split, n_val):
     """1 validation tile (fewer than the workers) and 3 (not divisible by 2): no rank may wait alone
     in a collective, and no tile may be dropped by an equal split or counted twice."""

@@ -21,9 +21,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from instantdl_ray.io.slide import SLIDE_SUFFIXES, is_slide  # noqa: E402
+from instantdl_ray.io.slide import DICOM_SUFFIX, SLIDE_SUFFIXES, is_dicom_folder, is_slide  # noqa: E402
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".npy", ".zarr", *SLIDE_SUFFIXES)
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".npy", ".zarr", *SLIDE_SUFFIXES, DICOM_SUFFIX)
 SPLITS = ("train", "test")
 CSV_NAME = "groundtruth.csv"
 # A classification CSV with this many times more rows than images is a master list: extra rows are ignored.
@@ -31,7 +31,10 @@ MASTER_LIST_FACTOR = 2
 
 
 def is_image(path: Path) -> bool:
-    return path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
+    """An image file of a supported type, a ``.zarr`` store or a DICOM WSI folder."""
+    if path.name.startswith("."):
+        return False
+    return path.suffix.lower() in IMAGE_SUFFIXES or is_dicom_folder(path)
 
 
 def open_array(path: str | Path, level: int | str = 0) -> Any:
@@ -311,6 +314,8 @@ class Sample:
 
 def _stem(path: Path) -> str:
     name = path.name
+    if is_dicom_folder(path):  # a DICOM WSI folder is named by its folder, dots and all
+        return name
     for suf in (".ome.tif", ".ome.tiff", ".ome.zarr", *IMAGE_SUFFIXES):
         if name.lower().endswith(suf):
             return name[: -len(suf)]

@@ -1,8 +1,10 @@
 """Whole-slide images, read by region: never a whole-slide decode.
 
 Vendor formats (Aperio ``.svs``, Hamamatsu ``.ndpi``/``.vms``/``.vmu``, 3DHISTECH ``.mrxs``, Leica
-``.scn``, Ventana ``.bif``, Philips-less ``.svslide``) go through OpenSlide (``openslide-python``
-with the ``openslide-bin`` wheel: no system library to install). Pyramidal TIFF and OME-TIFF
+``.scn``, Ventana ``.bif``, Philips-less ``.svslide``) and DICOM WSI (a folder of ``.dcm`` files,
+one per pyramid level, or one of its files: OpenSlide 4's libdicom reader, uncompressed, JPEG or
+JPEG 2000 frames, full or sparse tiling) go through OpenSlide (``openslide-python`` with the
+``openslide-bin`` wheel: no system library to install). Pyramidal TIFF and OME-TIFF
 (sub-IFD pyramids, BigTIFF) are read by ``io.read.open_array`` through tifffile's zarr view,
 which OpenSlide would read as one level; ``slide_info`` describes both kinds.
 
@@ -49,14 +51,36 @@ class SlideInfo:
         return fits[-1] if fits else 0
 
 
+DICOM_SUFFIX = ".dcm"
+
+
+def is_dicom_folder(path: str | Path) -> bool:
+    """A folder holding ``.dcm`` files: one DICOM WSI (its levels, label and overview)."""
+    path = Path(path)
+    return path.is_dir() and path.suffix.lower() != ".zarr" and next(path.glob(f"*{DICOM_SUFFIX}"), None) is not None
+
+
 def is_slide(path: str | Path) -> bool:
-    return Path(path).suffix.lower() in SLIDE_SUFFIXES
+    """A file (or DICOM folder) that OpenSlide reads as a whole-slide image."""
+    suffix = Path(path).suffix.lower()
+    return suffix in SLIDE_SUFFIXES or suffix == DICOM_SUFFIX or is_dicom_folder(path)
+
+
+def openslide_path(path: str | Path) -> str:
+    """The file OpenSlide opens for ``path``: a DICOM folder's largest ``.dcm`` (its full
+    resolution level; OpenSlide finds the other levels of the series beside it), else ``path``."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(path.glob(f"*{DICOM_SUFFIX}"), key=lambda f: (-f.stat().st_size, f.name))
+        if files:
+            return str(files[0])
+    return str(path)
 
 
 def _openslide(path: str | Path):
     import openslide
 
-    return openslide.OpenSlide(str(path))
+    return openslide.OpenSlide(openslide_path(path))
 
 
 def _openslide_mpp(props: Any) -> dict[str, float] | None:

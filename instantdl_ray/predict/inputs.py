@@ -36,7 +36,7 @@ def gather(inputs: Path, log: Callable = print) -> tuple[list[Input], list[str]]
     supported type are listed in the log (never skipped silently)."""
     if inputs.suffix.lower() == ".csv" and inputs.is_file():
         return read_manifest(inputs)
-    if inputs.is_dir() and inputs.suffix.lower() != ".zarr":
+    if inputs.is_dir() and inputs.suffix.lower() != ".zarr" and not slide.is_dicom_folder(inputs):  # else one slide
         folder = inputs / "test" / "image" if (inputs / "test" / "image").is_dir() else inputs
         files = sorted(p for p in folder.iterdir() if read.is_image(p))
         other = sorted(p.name for p in folder.iterdir() if p.is_file() and not read.is_image(p)
