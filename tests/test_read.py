@@ -481,10 +481,11 @@ def test_write_tiff_failure_leaves_nothing(tmp_path, monkeypatch):
 
 
 def test_image_suffixes_cover_the_readers():
-    slides = {".svs", ".ndpi", ".vms", ".vmu", ".mrxs", ".scn", ".bif", ".svslide"}  # io.slide (OpenSlide)
+    slides = {".svs", ".ndpi", ".vms", ".vmu", ".mrxs", ".scn", ".bif", ".svslide", ".dcm"}  # io.slide (OpenSlide 4)
     assert set(read.IMAGE_SUFFIXES) == {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".npy", ".zarr"} | slides
     assert read.is_image(Path("a.TIF")) and not read.is_image(Path(".hidden.png"))
     assert read.is_image(Path("slide.SVS")) and read.is_slide(Path("b.ndpi")) and not read.is_slide(Path("c.tif"))
+    assert read.is_slide(Path("level0.dcm"))  # one file of a DICOM WSI (its folder: tests/test_slide_predict.py)
 
 
 def test_atomic_writes_get_usual_permissions_and_leave_nothing_on_failure(tmp_path):
