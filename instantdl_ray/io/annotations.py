@@ -229,31 +229,10 @@ class Labels:
         self._tree = STRtree(self.ann.shapes)
         self._area = np.array([g.area for g in self.ann.shapes])
 
-    def __getitem__(self, idx: Any) -> np.ndarray:
-        idx = idx if isinstance(idx, tuple) else (idx,)
-        if any(i is Ellipsis for i in idx):
-            k = idx.index(Ellipsis)
-            idx = idx[:k] + (slice(None),) * (2 - len(idx) + 1) + idx[k + 1:]
-        idx = tuple(idx) + (slice(None),) * (2 - len(idx))
-        bounds, picks, squeeze = [], [], []
-        for i, n in zip(idx, self.shape):
-            if isinstance(i, slice):
-                lo, hi, step = i.indices(n)
-                rng = range(lo, hi, step)
-                squeeze.append(False)
-            else:
-                k = int(i) + (n if int(i) < 0 else 0)
-                if not 0 <= k < n:
-                    raise IndexError(f"index {i} is out of bounds for axis of size {n}")
-                rng = range(k, k + 1)
-                squeeze.append(True)
-            first, last = (min(rng), max(rng)) if len(rng) else (0, -1)
-            bounds.append((first, last + 1))
-            picks.append(np.arange(len(rng)) * abs(rng.step) if rng.step > 0 else np.arange(len(rng))[::-1] * abs(rng.step))
-        (ya, yb), (xa, xb) = bounds
-        out = self.window(ya, xa, max(yb - ya, 0), max(xb - xa, 0))
-        out = out[np.ix_(picks[0], picks[1])] if out.size else out[:len(picks[0]), :len(picks[1])]
-        return out[tuple(0 if s else slice(None) for s in squeeze)]
+    def __getitem__(self, index: Any) -> np.ndarray:
+        from instantdl_ray.io.slide import read_2d
+
+        return read_2d(index, self.shape, self.window)
 
     def __array__(self, dtype=None, copy=None):
         out = self[:, :]

@@ -119,6 +119,43 @@ def slide_info(path: str | Path) -> SlideInfo:
                      tuple(shapes[0][1] / s[1] for s in shapes), mpp)
 
 
+def expand_index(index: Any, ndim: int) -> tuple:
+    """numpy's ``index`` of an array of ``ndim`` axes as one entry per axis: ``...`` expanded, the
+    missing trailing axes taken whole."""
+    index = index if isinstance(index, tuple) else (index,)
+    if any(i is Ellipsis for i in index):
+        k = index.index(Ellipsis)
+        index = index[:k] + (slice(None),) * (ndim - len(index) + 1) + index[k + 1:]
+    return index + (slice(None),) * (ndim - len(index))
+
+
+def axis_span(i: Any, n: int, where: str = "") -> tuple[int, int, int, bool, bool]:
+    """An int or a slice on an axis of ``n``: (first index, count, step >= 1, reversed, drop the
+    axis). ``where`` prefixes the ``IndexError`` of anything else (e.g. the file's path)."""
+    if isinstance(i, (int, np.integer)):
+        j = int(i) + n if i < 0 else int(i)
+        if not 0 <= j < n:
+            raise IndexError(f"{where}index {i} out of range for an axis of {n}")
+        return j, 1, 1, False, True
+    if isinstance(i, slice):
+        r = range(*i.indices(n))
+        return (min(r[0], r[-1]) if len(r) else 0), len(r), abs(r.step), r.step < 0, False
+    raise IndexError(f"{where}unsupported index {i!r} (ints and slices only)")
+
+
+def read_2d(index: Any, shape: Sequence[int], window: Any) -> np.ndarray:
+    """numpy's ``index`` on a lazy ``(Y, X)`` array of ``shape`` whose ``window(y0, x0, h, w)``
+    reads a block: the block spanning the selection is read once, then stepped, reversed and
+    squeezed as numpy would."""
+    index = expand_index(index, 2)
+    if len(index) != 2:
+        raise IndexError(f"{len(index)} indices for a (Y, X) array")
+    spans = [axis_span(i, int(n)) for i, n in zip(index, shape)]
+    (y0, ny, sy, _, _), (x0, nx, sx, _, _) = spans
+    block = window(y0, x0, (ny - 1) * sy + 1 if ny else 0, (nx - 1) * sx + 1 if nx else 0)[::sy, ::sx]
+    return block[tuple(0 if drop else slice(None, None, -1 if rev else 1) for *_, rev, drop in spans)]
+
+
 class SlideLevel:
     """One pyramid level of an OpenSlide slide as a lazily sliceable ``(Y, X, 3)`` uint8 array.
 
@@ -167,26 +204,11 @@ class SlideLevel:
         return np.rint(rgb).astype(np.uint8)
 
     def __getitem__(self, index: Any) -> np.ndarray:
-        index = index if isinstance(index, tuple) else (index,)
-        if any(i is Ellipsis for i in index):
-            k = index.index(Ellipsis)
-            index = index[:k] + (slice(None),) * (3 - len(index) + 1) + index[k + 1:]
-        index = index + (slice(None),) * (3 - len(index))
+        index = expand_index(index, 3)
         if len(index) != 3:
             raise IndexError(f"{self.path}: {len(index)} indices for a (Y, X, 3) slide level")
-        axes = []  # per spatial axis: (first index, count, step >= 1, reversed, drop the axis)
-        for i, n in zip(index[:2], self.shape[:2]):
-            if isinstance(i, (int, np.integer)):
-                j = int(i) + n if i < 0 else int(i)
-                if not 0 <= j < n:
-                    raise IndexError(f"{self.path}: index {i} out of range for an axis of {n}")
-                axes.append((j, 1, 1, False, True))
-            elif isinstance(i, slice):
-                r = range(*i.indices(n))
-                first = min(r[0], r[-1]) if len(r) else 0
-                axes.append((first, len(r), abs(r.step), r.step < 0, False))
-            else:
-                raise IndexError(f"{self.path}: unsupported index {i!r} (ints and slices only)")
+        # per spatial axis: (first index, count, step >= 1, reversed, drop the axis)
+        axes = [axis_span(i, n, f"{self.path}: ") for i, n in zip(index[:2], self.shape[:2])]
         (y0, ny, sy, _, _), (x0, nx, sx, _, _) = axes
         pick = tuple(0 if drop else slice(None, None, -1 if rev else 1) for *_, rev, drop in axes)
         return self._read_strided(y0, ny, sy, x0, nx, sx)[pick + (index[2],)]
@@ -328,11 +350,7 @@ class Resampled:
         return lo, hi, np.clip(c, 0, n_src - 1) - lo
 
     def __getitem__(self, index: Any) -> np.ndarray:
-        index = index if isinstance(index, tuple) else (index,)
-        if any(i is Ellipsis for i in index):
-            k = index.index(Ellipsis)
-            index = index[:k] + (slice(None),) * (self.ndim - len(index) + 1) + index[k + 1:]
-        index = index + (slice(None),) * (self.ndim - len(index))
+        index = expand_index(index, self.ndim)
         src_index: list[Any] = list(index)
         coords, after = {}, [slice(None)] * self.ndim
         for k in self.spatial:
@@ -411,26 +429,18 @@ class Upsampled:
         self.shape = (int(shape[0]), int(shape[1]))
         self.ndim, self.dtype = 2, np.dtype(arr.dtype)
 
-    def __getitem__(self, idx: Any) -> np.ndarray:
-        idx = idx if isinstance(idx, tuple) else (idx,)
-        if any(i is Ellipsis for i in idx):
-            k = idx.index(Ellipsis)
-            idx = idx[:k] + (slice(None),) * (3 - len(idx)) + idx[k + 1:]
-        idx = tuple(idx) + (slice(None),) * (2 - len(idx))
-        squeeze = tuple(0 if not isinstance(i, slice) else slice(None) for i in idx)
-        idx = tuple(i if isinstance(i, slice) else slice(int(i) % n, int(i) % n + 1) for i, n in zip(idx, self.shape))
-        return self._window(idx)[squeeze]
+    def __getitem__(self, index: Any) -> np.ndarray:
+        return read_2d(index, self.shape, self.window)
 
-    def _window(self, idx: tuple) -> np.ndarray:
-        rows, cols = (np.arange(*s.indices(n)) for s, n in zip(idx, self.shape))
-        if not rows.size or not cols.size:
-            return np.zeros((rows.size, cols.size), self.dtype)
-        src_r, src_c = rows // self.factor, cols // self.factor
-        r0, c0 = int(src_r.min()), int(src_c.min())
-        block = np.asarray(self.arr[r0:int(src_r.max()) + 1, c0:int(src_c.max()) + 1])
+    def window(self, y0: int, x0: int, h: int, w: int) -> np.ndarray:
+        """Slide pixels ``[y0, y0 + h) x [x0, x0 + w)``: the label pixels under them, repeated."""
+        if h <= 0 or w <= 0:
+            return np.zeros((max(h, 0), max(w, 0)), self.dtype)
+        src_r, src_c = np.arange(y0, y0 + h) // self.factor, np.arange(x0, x0 + w) // self.factor
+        r0, c0, r1, c1 = int(src_r[0]), int(src_c[0]), int(src_r[-1]) + 1, int(src_c[-1]) + 1
+        block = np.asarray(self.arr[r0:r1, c0:c1])
         block = block.reshape(block.shape[:2]) if block.ndim > 2 and block.size == block.shape[0] * block.shape[1] else block
-        block = np.pad(block, ((0, max(0, int(src_r.max()) + 1 - r0 - block.shape[0])),
-                               (0, max(0, int(src_c.max()) + 1 - c0 - block.shape[1]))), mode="edge")
+        block = np.pad(block, ((0, max(0, r1 - r0 - block.shape[0])), (0, max(0, c1 - c0 - block.shape[1]))), mode="edge")
         return block[np.ix_(src_r - r0, src_c - c0)]
 
     def __array__(self, dtype=None, copy=None):
