@@ -57,14 +57,19 @@ def outline(mask: np.ndarray, y0: float = 0.0, x0: float = 0.0, factor: float = 
     return shape if shape.is_valid else make_valid(shape)
 
 
-def _feature(geom, object_type: str, name: str, colour: list[int], measurements: dict) -> dict:
+def _feature(geom, object_type: str, name: str | None, colour: list[int], measurements: dict | None = None) -> dict:
+    """A QuPath feature: ``classification`` when ``name`` is given (else unclassified),
+    ``measurements`` when there are any (NaN written as null)."""
     import geojson
     from shapely.geometry import mapping
 
-    return geojson.Feature(geometry=mapping(geom), properties={
-        "objectType": object_type, "classification": {"name": name, "color": colour},
-        "measurements": {k: (None if v is None or (isinstance(v, float) and np.isnan(v)) else v)
-                         for k, v in measurements.items()}})
+    props: dict = {"objectType": object_type}
+    if name is not None:
+        props["classification"] = {"name": name, "color": colour}
+    if measurements:
+        props["measurements"] = {k: (None if v is None or (isinstance(v, float) and np.isnan(v)) else v)
+                                 for k, v in measurements.items()}
+    return geojson.Feature(geometry=mapping(geom), properties=props)
 
 
 def _area_key(mpp: float | None) -> str:
@@ -107,15 +112,8 @@ def label_features(label: np.ndarray, name: str | None = None, y0: int = 0, x0: 
         if box is None:
             continue
         geom = outline(np.asarray(label)[box] == i, y0 + box[0].start, x0 + box[1].start, simplify=simplify)
-        if geom is None or geom.is_empty:
-            continue
-        import geojson
-        from shapely.geometry import mapping
-
-        props: dict = {"objectType": object_type}
-        if name is not None:
-            props["classification"] = {"name": name, "color": _colour(0)}
-        yield geojson.Feature(geometry=mapping(geom), properties=props)
+        if geom is not None and not geom.is_empty:
+            yield _feature(geom, object_type, name, _colour(0))
 
 
 def class_features(mask: Any, class_names: list[str], factor: float, mpp: float | None) -> Iterator[dict]:
