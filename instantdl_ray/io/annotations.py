@@ -150,12 +150,13 @@ def _load(path: str, mtime_ns: int) -> Annotations:
         props = f.get("properties") or {}
         parsed.append((unary_union(parts) if len(parts) > 1 else parts[0], _class_name(props), _object_type(f)))
     others = any(name is not None or kind != "annotation" for _, name, kind in parsed)
-    for geom, name, kind in parsed:
+    points = None
+    for k, (geom, name, kind) in enumerate(parsed):
         if name == REGION_CLASS:
             out.regions.append(geom)
         elif name == IGNORE_CLASS:
             continue
-        elif name is None and kind == "annotation" and others and _holds_others(geom, parsed):
+        elif name is None and kind == "annotation" and others and _holds_others(k, geom, points := points or _points(parsed)):
             out.regions.append(geom)
         else:
             out.shapes.append(geom)
@@ -163,9 +164,17 @@ def _load(path: str, mtime_ns: int) -> Annotations:
     return out
 
 
-def _holds_others(geom: Any, parsed: list) -> bool:
-    """An unclassified annotation is a region when some other object lies inside it."""
-    return any(g is not geom and geom.intersects(g.representative_point()) for g, _, _ in parsed)
+def _points(parsed: list) -> Any:
+    """An R-tree of a point inside each parsed feature (``representative_point``)."""
+    from shapely.strtree import STRtree
+
+    return STRtree([g.representative_point() for g, _, _ in parsed])
+
+
+def _holds_others(k: int, geom: Any, points: Any) -> bool:
+    """An unclassified annotation (feature ``k``) is a region when some other object lies inside
+    it: the R-tree of their points, not a scan of every feature for each annotation."""
+    return any(int(j) != k for j in points.query(geom, predicate="intersects"))
 
 
 def load(path: str | Path) -> Annotations:
