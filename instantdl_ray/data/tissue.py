@@ -65,26 +65,30 @@ def yx_shape(shape: Sequence[int]) -> tuple[int, int]:
 GREY_SPREAD = 3 / 255  # channels this close (99th percentile of max - min): a grey image stored as RGB
 
 
+def _unit_rgb(thumb: np.ndarray) -> np.ndarray:
+    """The first three channels of a thumbnail in [0, 1] (8-bit, or any range above 1, over 255)."""
+    rgb = thumb[..., :3].astype(np.float64)
+    return rgb / (255.0 if thumb.dtype == np.uint8 or rgb.max() > 1 else 1.0)
+
+
 def is_colour(thumb: np.ndarray) -> bool:
     """Whether a thumbnail ``(y, x[, C])`` holds colour: 3+ channels that differ (a grey scan
     saved as RGB, as fluorescence slides often are, has three equal channels and no saturation)."""
     if not (thumb.ndim == 3 and thumb.shape[-1] >= 3):
         return False
-    rgb = thumb[..., :3].astype(np.float64)
-    rgb = rgb / (255.0 if thumb.dtype == np.uint8 or rgb.max() > 1 else 1.0)
+    rgb = _unit_rgb(thumb)
     return float(np.percentile(rgb.max(-1) - rgb.min(-1), 99)) > GREY_SPREAD
 
 
-def tissue_score(thumb: np.ndarray) -> np.ndarray:
+def tissue_score(thumb: np.ndarray, colour: bool | None = None) -> np.ndarray:
     """Per-pixel "how much like tissue", background near 0: saturation for colour (3+ channels
-    that differ), else the distance from the background's intensity towards the side the tissue
-    lies on (the background is the histogram's peak: dark on fluorescence, bright on bright-field)."""
-    if is_colour(thumb):
+    that differ; ``colour``: ``is_colour`` when the caller knows it), else the distance from the
+    background's intensity towards the side the tissue lies on (the background is the histogram's
+    peak: dark on fluorescence, bright on bright-field)."""
+    if is_colour(thumb) if colour is None else colour:
         from skimage.color import rgb2hsv
 
-        rgb = thumb[..., :3].astype(np.float64)
-        rgb = rgb / (255.0 if thumb.dtype == np.uint8 or rgb.max() > 1 else 1.0)
-        return rgb2hsv(np.clip(rgb, 0, 1))[..., 1]
+        return rgb2hsv(np.clip(_unit_rgb(thumb), 0, 1))[..., 1]
     grey = (thumb if thumb.ndim == 2 else thumb[..., :3].mean(-1)).astype(np.float64)
     hist, edges = np.histogram(grey, bins=256)
     mode = 0.5 * (edges[hist.argmax()] + edges[hist.argmax() + 1])
@@ -106,7 +110,7 @@ def detect_tissue(thumb: np.ndarray, min_object_px: int = MIN_OBJECT_PX) -> np.n
     from skimage.morphology import closing, disk, remove_small_holes, remove_small_objects
 
     colour = is_colour(thumb)
-    score = gaussian_filter(tissue_score(thumb), 1.0)
+    score = gaussian_filter(tissue_score(thumb, colour), 1.0)
     if not np.ptp(score) > 0:
         return np.zeros(score.shape, bool)
     t = float(threshold_otsu(score))
@@ -218,8 +222,9 @@ def mask_for(path: str | Path, shape: tuple[int, int], setting: str, tile_shape:
     from instantdl_ray.io.read import _stem
 
     stem = stem or _stem(Path(path))
-    thumb = thumbnail(path)
+    thumb = None
     if setting == "auto":
+        thumb = thumbnail(path)
         ty, _ = yx_shape(thumb.shape)
         mask = detect_tissue(thumb)
         # grown by MARGIN px of the model's grid (at least one thumbnail pixel): the mask of a
@@ -235,8 +240,8 @@ def mask_for(path: str | Path, shape: tuple[int, int], setting: str, tile_shape:
             raise DataError([f"tissue_mask: {folder} holds no mask named '{stem}.*' for {path} "
                              "(a PNG/TIFF whose nonzero pixels are tissue, any size, named like the slide)"])
         mask = load_mask(found[0], shape)
-    if out_dir is not None:
-        save_mask(mask, thumb, out_dir, stem)
+    if out_dir is not None:  # a folder's mask: the thumbnail is read only to show it
+        save_mask(mask, thumbnail(path) if thumb is None else thumb, out_dir, stem)
     return mask
 
 
